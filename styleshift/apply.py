@@ -1,0 +1,142 @@
+"""Batch conversion: which output each input gets, and converting them without ever losing a file.
+
+Rules (what `styleshift apply` does):
+- a single file goes to `<stem>.<style><ext>` beside it, or to `-o PATH` (a file, or a folder to put it in);
+- a folder is scanned recursively and mirrored under `-o` (default: `<folder>.<style>` beside it);
+- the output keeps the input's format and extension unless a format is asked for;
+- existing outputs are skipped unless `overwrite`; an output never replaces its input;
+- every write is atomic; one bad file is reported and the rest are converted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .images import EXTENSION_OF_FORMAT, FORMAT_OF_EXTENSION, ImageError, Picture, read_image, scan_images, write_image
+
+
+@dataclass(frozen=True)
+class Job:
+    src: Path
+    dst: Path
+    format: str  # PIL format name
+
+
+@dataclass
+class Summary:
+    converted: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def line(self) -> str:
+        return f"converted {self.converted}, skipped {self.skipped} (already there), failed {len(self.failed)}"
+
+    def merge(self, other: "Summary") -> "Summary":
+        return Summary(self.converted + other.converted, self.skipped + other.skipped, self.failed + other.failed)
+
+
+def normalise_format(fmt: str | None) -> str | None:
+    if fmt is None:
+        return None
+    ext = "." + fmt.lower().lstrip(".")
+    if ext not in FORMAT_OF_EXTENSION:
+        raise ValueError(f"unknown format {fmt!r}; choose from jpg, png, webp, bmp, tiff")
+    return FORMAT_OF_EXTENSION[ext]
+
+
+def _with_format(path: Path, fmt: str | None) -> tuple[Path, str]:
+    """`path` with the extension of `fmt` (kept as it is when it already fits), and the format."""
+    if fmt is None:
+        return path, FORMAT_OF_EXTENSION[path.suffix.lower()]
+    if FORMAT_OF_EXTENSION.get(path.suffix.lower()) == fmt:
+        return path, fmt
+    return path.with_suffix(EXTENSION_OF_FORMAT[fmt]), fmt
+
+
+def plan(src: str | os.PathLike, output: str | os.PathLike | None, style_name: str, fmt: str | None = None) -> list[Job]:
+    """The jobs for converting `src` (a file or a folder) to `output`."""
+    src, fmt = Path(src), normalise_format(fmt)
+    if src.is_dir():
+        out_dir = Path(output) if output is not None else src.with_name(f"{src.name}.{style_name}")
+        if out_dir.resolve() == src.resolve():
+            raise ValueError(f"{out_dir}: the output folder is the input folder; outputs would replace inputs")
+        jobs = []
+        for path in scan_images(src, exclude=out_dir):
+            dst, f = _with_format(out_dir / path.relative_to(src), fmt)
+            jobs.append(Job(path, dst, f))
+        return jobs
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    if src.suffix.lower() not in FORMAT_OF_EXTENSION:
+        raise ValueError(f"{src}: not an image file this tool reads ({', '.join(FORMAT_OF_EXTENSION)})")
+    if output is None:
+        dst = src.with_name(f"{src.stem}.{style_name}{src.suffix}")
+    else:
+        out = Path(output)
+        if out.is_dir() or str(output).endswith(os.sep):
+            dst = out / src.name
+        else:
+            dst = out
+            if fmt is None and out.suffix.lower() in FORMAT_OF_EXTENSION:
+                fmt = FORMAT_OF_EXTENSION[out.suffix.lower()]  # `-o out.png` asks for PNG
+            elif out.suffix.lower() not in FORMAT_OF_EXTENSION and fmt is None:
+                raise ValueError(f"{out}: the output needs an image extension ({', '.join(FORMAT_OF_EXTENSION)})")
+    dst, f = _with_format(dst, fmt)
+    return [Job(src, dst, f)]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def convert_one(job: Job, stylize: Callable[[Picture], Picture], overwrite: bool, quality: int) -> str:
+    """Convert one file; returns "converted" or "skipped", raises ImageError/OSError on failure."""
+    if _same_file(job.src, job.dst):
+        raise ImageError(job.src, "the output would replace the input; choose another output")
+    if job.dst.exists() and not overwrite:
+        return "skipped"
+    picture = read_image(job.src)
+    write_image(job.dst, stylize(picture), job.format, quality)
+    return "converted"
+
+
+def convert(jobs: list[Job], stylize: Callable[[Picture], Picture], overwrite: bool = False, quality: int = 95,
+            progress: bool = True, report: Callable[[str], None] | None = None) -> Summary:
+    """Convert every job, reporting each failure as one line; never stops at a bad file."""
+    from tqdm.auto import tqdm
+
+    summary = Summary()
+    bar = tqdm(jobs, unit="img", dynamic_ncols=True, disable=not progress or len(jobs) < 2)
+    say = report or bar.write
+    seen: dict[Path, Path] = {}
+    for job in bar:
+        try:
+            if job.dst in seen:
+                raise ImageError(job.src, f"its output {job.dst} is also the output of {seen[job.dst]}")
+            seen[job.dst] = job.src
+            outcome = convert_one(job, stylize, overwrite, quality)
+        except (ImageError, OSError) as e:
+            reason = e.reason if isinstance(e, ImageError) else (e.strerror or str(e))
+            summary.failed.append((str(job.src), reason))
+            say(f"failed: {job.src}: {reason}")
+            continue
+        except RuntimeError as e:  # out of memory, and the like: this file fails, the rest go on
+            summary.failed.append((str(job.src), str(e).splitlines()[0]))
+            say(f"failed: {job.src}: {str(e).splitlines()[0]}")
+            continue
+        if outcome == "converted":
+            summary.converted += 1
+        else:
+            summary.skipped += 1
+    bar.close()
+    return summary

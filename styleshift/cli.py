@@ -1,0 +1,200 @@
+"""The `styleshift` command: a thin layer over the library. Heavy imports (torch) happen inside the
+commands, so `styleshift --help` answers at once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+DEVICES = click.Choice(["auto", "cpu", "cuda", "mps"])
+PRECISIONS = click.Choice(["auto", "fp32", "bf16", "fp16"])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="styleshift")
+def main() -> None:
+    """Learn an art style from two folders of unpaired images, then apply it to photos.
+
+    \b
+      styleshift train photos/ paintings/ --name impressionism
+      styleshift apply photo.jpg --style impressionism
+      styleshift apply photos/ -o out/ --style impressionism
+    """
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+# -- train ---------------------------------------------------------------------------------------------------
+# Options default to None, meaning "not given": the value then comes from the preset, or, when a run is
+# resumed, from its saved configuration. (flag, config field, nested config or None)
+TRAIN_OPTIONS = [
+    ("generator", "arch", "generator"), ("ngf", "ngf", "generator"), ("n_blocks", "n_blocks", "generator"),
+    ("upsample", "upsample", "generator"), ("downsample", "downsample", "generator"),
+    ("discriminator", "arch", "discriminator"), ("ndf", "ndf", "discriminator"),
+    ("n_layers", "n_layers", "discriminator"),
+    *((name, name, None) for name in (
+        "gan_mode", "lambda_cycle", "lambda_identity", "pool_size", "lr", "beta1", "batch_size", "load_size",
+        "crop_size", "flip", "epochs", "decay_epochs", "steps", "decay_steps", "seed", "device", "precision",
+        "channels_last", "compile", "num_workers", "log_every", "sample_every", "checkpoint_every", "num_samples",
+        "eval_every")),
+]
+
+
+def build_train_config(base, given: dict, content, style, name):
+    """`base` (defaults + preset, or a resumed run's config) with the options the user gave."""
+    from dataclasses import replace
+
+    top, nested = {}, {"generator": {}, "discriminator": {}}
+    for flag, field, group in TRAIN_OPTIONS:
+        if given.get(flag) is not None:
+            (nested[group] if group else top)[field] = given[flag]
+    if content is not None:
+        top["content_dir"] = str(content)
+    if style is not None:
+        top["style_dir"] = str(style)
+    top["name"] = name
+    return replace(base, generator=replace(base.generator, **nested["generator"]),
+                   discriminator=replace(base.discriminator, **nested["discriminator"]), **top)
+
+
+@main.command()
+@click.argument("content", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("style", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="Name of the style and its run directory [default: the STYLE folder's name].")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory [default: runs/NAME]. Holding a latest.pt, it is resumed.")
+@click.option("--fresh", is_flag=True, help="Start over even if the run directory holds a checkpoint.")
+@click.option("--preset", type=click.Choice(["reference", "fast"]), default=None,
+              help="reference: the CycleGAN paper's networks at 256 px [default]; fast: a light generator at "
+                   "128 px, many times faster on a CPU.")
+@click.option("--epochs", type=int, help="Epochs at a constant learning rate [100].")
+@click.option("--decay-epochs", type=int, help="Epochs of linear decay to zero after them [100].")
+@click.option("--steps", type=int, help="Total length in steps instead of epochs (the last half decays).")
+@click.option("--decay-steps", type=int, help="With --steps: how many of them decay [half].")
+@click.option("--batch-size", type=int, help="Images per domain per step [1].")
+@click.option("--load-size", type=int, help="Shorter side before the random crop [286].")
+@click.option("--crop-size", type=int, help="Training crop [256].")
+@click.option("--flip/--no-flip", default=None, help="Random horizontal flips [on].")
+@click.option("--lr", type=float, help="Adam learning rate [2e-4].")
+@click.option("--beta1", type=float, help="Adam beta1 [0.5].")
+@click.option("--gan-mode", type=click.Choice(["lsgan", "vanilla"]), help="Adversarial loss [lsgan].")
+@click.option("--lambda-cycle", type=float, help="Weight of the cycle loss [10].")
+@click.option("--lambda-identity", type=float, help="Identity loss, as a fraction of --lambda-cycle [0.5].")
+@click.option("--pool-size", type=int, help="History of fakes shown to the discriminators [50].")
+@click.option("--generator", help="Generator: resnet_9blocks, resnet_6blocks, mobile_resnet [resnet_9blocks].")
+@click.option("--ngf", type=int, help="Generator filters in the first layer [64].")
+@click.option("--n-blocks", type=int, help="Residual blocks [the generator's own].")
+@click.option("--upsample", type=click.Choice(["transpose", "resize"]), help="Generator upsampling [transpose].")
+@click.option("--downsample", type=click.Choice(["stride", "blur"]), help="Generator downsampling [stride].")
+@click.option("--discriminator", help="Discriminator: basic (70x70 PatchGAN), n_layers [basic].")
+@click.option("--ndf", type=int, help="Discriminator filters in the first layer [64].")
+@click.option("--n-layers", type=int, help="Discriminator layers, with --discriminator n_layers [3].")
+@click.option("--device", type=DEVICES, help="Where to train [auto: a GPU if there is one].")
+@click.option("--precision", type=PRECISIONS,
+              help="auto: bf16 on CPUs with AMX/AVX512-BF16 and GPUs that have it, fp16 on other GPUs, else fp32.")
+@click.option("--channels-last/--no-channels-last", default=None, help="Memory layout [on for CPUs].")
+@click.option("--compile", is_flag=True, default=None, help="torch.compile the networks.")
+@click.option("--workers", "num_workers", type=int, help="Data loader processes [sized to the machine].")
+@click.option("--seed", type=int, help="Random seed [0].")
+@click.option("--log-every", type=int, help="Steps between lines of metrics.jsonl [10].")
+@click.option("--sample-every", type=int, help="Steps between sample grids [500].")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints and style exports [1000].")
+@click.option("--num-samples", type=int, help="Fixed images per domain in the sample grid [3].")
+@click.option("--eval-every", type=int, help="Steps between quality evaluations [never].")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(content, style, name, run_dir, fresh, preset, quiet, **given):
+    """Learn a style from a CONTENT folder (photos) and a STYLE folder (paintings).
+
+    The two folders are unpaired: any photos, any paintings. Running the same command on a run that
+    was stopped (Ctrl-C saves) resumes it.
+    """
+    from .config import TrainConfig, preset as preset_values
+    from .styles import runs_dir
+
+    if name is None:
+        if style is None and run_dir is None:
+            fail("give the CONTENT and STYLE folders (or --name/--run-dir of a run to resume)")
+        name = (style or run_dir).resolve().name
+    run_dir = run_dir or runs_dir() / name
+    latest = run_dir / "latest.pt"
+    if latest.exists() and not fresh:
+        from .checkpoint import load_resume
+
+        base = TrainConfig.from_dict(load_resume(latest)["config"])
+        if preset is not None:
+            fail("--preset cannot change a run being resumed; use --fresh to start over")
+        click.echo(f"Resuming {run_dir} (use --fresh to start over)", err=True)
+    else:
+        if content is None or style is None:
+            fail(f"give the CONTENT and STYLE folders: {run_dir} has no checkpoint to resume")
+        base = TrainConfig(**preset_values(preset or "reference"))
+    cfg = build_train_config(base, given, content, style, name)
+    from .data import DataError
+    from .trainer import ConfigMismatch, Trainer
+
+    try:
+        result = Trainer(cfg, run_dir, fresh=fresh, progress=not quiet).fit()
+    except (DataError, ConfigMismatch, ValueError) as e:
+        fail(str(e))
+    if result.interrupted:
+        sys.exit(130)
+    click.echo(f"Style saved to {result.style_path}")
+
+
+# -- apply ---------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("input", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output file or folder [file: <stem>.<style>.<ext> beside it; folder: <folder>.<style>].")
+@click.option("-s", "--style", "style_spec",
+              help="A run name, run directory or .safetensors file [the most recently trained style].")
+@click.option("--direction", type=click.Choice(["forward", "inverse"]), default="forward", show_default=True,
+              help="forward: photo -> style; inverse: style -> photo.")
+@click.option("--format", "fmt", type=click.Choice(["jpg", "png", "webp", "tiff", "bmp"]),
+              help="Output format [the input's].")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that already exist (inputs never are).")
+@click.option("--device", type=DEVICES, default="auto", show_default=True)
+@click.option("--precision", type=PRECISIONS, default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def apply(input, output, style_spec, direction, fmt, quality, overwrite, device, precision, quiet):
+    """Stylize INPUT: a picture, or a folder of pictures (recursively, sub-folders mirrored).
+
+    Outputs keep each input's pixel size, format and orientation; existing outputs are skipped.
+    """
+    from .apply import convert, plan
+    from .styles import StyleNotFound, find_style
+
+    try:
+        style_path = find_style(style_spec)
+    except StyleNotFound as e:
+        fail(str(e))
+    if style_spec is None:
+        click.echo(f"Using style {style_path}", err=True)
+    from .stylizer import Stylizer
+
+    try:
+        stylizer = Stylizer(style_path, direction=direction, device=device, precision=precision)
+        jobs = plan(input, output, stylizer.name, fmt)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    summary = convert(jobs, stylizer.stylize_picture, overwrite=overwrite, quality=quality, progress=not quiet)
+    if input.is_file() and summary.converted == 1:
+        click.echo(f"wrote {jobs[0].dst}")
+    elif input.is_file() and summary.skipped == 1:
+        click.echo(f"{jobs[0].dst} exists; --overwrite replaces it")
+    else:
+        click.echo(summary.line())
+    if not summary.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""ResNet generator of the reference CycleGAN (Johnson et al. 2016 architecture, as used by Zhu et al. 2017)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .layers import BlurDownsample, ResizeUpsample, init_weights, instance_norm
+
+
+class ResnetBlock(nn.Module):
+    """x + [pad, conv3x3, norm, ReLU, pad, conv3x3, norm](x)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3, bias=True),
+            instance_norm(channels),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3, bias=True),
+            instance_norm(channels),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def down_layer(c_in: int, c_out: int, downsample: str) -> list[nn.Module]:
+    if downsample == "stride":
+        return [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=True)]
+    if downsample == "blur":
+        return [BlurDownsample(), nn.ReflectionPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=True)]
+    raise ValueError(f"unknown downsample {downsample!r} (stride, blur)")
+
+
+def up_layer(c_in: int, c_out: int, upsample: str) -> list[nn.Module]:
+    if upsample == "transpose":
+        return [nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1, bias=True)]
+    if upsample == "resize":
+        return [ResizeUpsample(), nn.ReflectionPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=True)]
+    raise ValueError(f"unknown upsample {upsample!r} (transpose, resize)")
+
+
+def encoder(in_channels: int, ngf: int, downsample: str) -> list[nn.Module]:
+    """c7s1-ngf, then two stride-2 steps: d(2ngf), d(4ngf)."""
+    layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7, bias=True), instance_norm(ngf), nn.ReLU(True)]
+    for mult in (1, 2):
+        layers += down_layer(ngf * mult, ngf * mult * 2, downsample)
+        layers += [instance_norm(ngf * mult * 2), nn.ReLU(True)]
+    return layers
+
+
+def decoder(out_channels: int, ngf: int, upsample: str) -> list[nn.Module]:
+    """u(2ngf), u(ngf), then c7s1-3 and tanh to [-1, 1]."""
+    layers: list[nn.Module] = []
+    for mult in (4, 2):
+        layers += up_layer(ngf * mult, ngf * mult // 2, upsample)
+        layers += [instance_norm(ngf * mult // 2), nn.ReLU(True)]
+    layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
+    return layers
+
+
+class ResnetGenerator(nn.Module):
+    size_multiple = 4  # two stride-2 steps: inputs are padded to a multiple of this
+
+    def __init__(self, in_channels=3, out_channels=3, ngf=64, n_blocks=9, upsample="transpose", downsample="stride"):
+        super().__init__()
+        trunk = [ResnetBlock(ngf * 4) for _ in range(n_blocks)]
+        self.model = nn.Sequential(*encoder(in_channels, ngf, downsample), *trunk, *decoder(out_channels, ngf, upsample))
+        init_weights(self)
+
+    def forward(self, x):
+        return self.model(x)

@@ -1,0 +1,246 @@
+"""The training loop: data in, CycleGAN steps, and everything a run directory holds.
+
+runs/NAME/
+    config.json          the full configuration
+    metrics.jsonl        one line per `log_every` steps: step, epoch, each loss, lr, seconds per step
+    samples/step_*.png   fixed images: real | translated | reconstructed, both directions
+    latest.pt            everything needed to resume (see styleshift.checkpoint)
+    NAME.safetensors     the exported style (both generators + config)
+
+Running again on a directory that holds latest.pt resumes it; Ctrl-C saves and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist
+from .checkpoint import export_style, load_resume, save_resume, set_rng_state
+from .config import RESUMABLE, TrainConfig
+from .cyclegan import CycleGAN, unwrap
+from .data import PairSampler, UnpairedDataset, default_num_workers, find_training_images, fixed_images, make_loader
+from .data import to_model_range
+from .fsutil import atomic_write, atomic_write_text
+from .precision import Precision, resolve_device
+
+
+class ConfigMismatch(ValueError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    total_steps: int
+    style_path: Path
+    interrupted: bool = False
+
+
+def schedule_length(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(total steps, step where the linear decay starts)."""
+    if cfg.steps is not None:
+        decay = cfg.decay_steps if cfg.decay_steps is not None else cfg.steps // 2
+        return cfg.steps, max(0, cfg.steps - decay)
+    return (cfg.epochs + cfg.decay_epochs) * steps_per_epoch, cfg.epochs * steps_per_epoch
+
+
+def check_resumable(saved: TrainConfig, wanted: TrainConfig) -> None:
+    saved_d, wanted_d = saved.to_dict(), wanted.to_dict()
+    changed = sorted(k for k in saved_d if k not in RESUMABLE and saved_d[k] != wanted_d[k])
+    if changed:
+        diffs = "; ".join(f"{k}: {saved_d[k]} -> {wanted_d[k]}" for k in changed)
+        raise ConfigMismatch(f"cannot resume with different settings ({diffs}); use --fresh to start over")
+
+
+class StopRequest:
+    """The first Ctrl-C asks the loop to stop after the current step and save; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, fresh: bool = False, progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.ctx = dist.context()
+        self.device = resolve_device(cfg.device) if self.ctx.world_size == 1 else self.ctx.device(cfg.device)
+        self.precision = Precision.resolve(cfg.precision, self.device)
+        self.resume_state = None
+        latest = self.run_dir / "latest.pt"
+        if latest.exists() and not fresh:
+            self.resume_state = load_resume(latest)
+            check_resumable(TrainConfig.from_dict(self.resume_state["config"]), cfg)
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed + self.ctx.rank)  # ranks differ where randomness is not data-driven
+
+        self.files_A = find_training_images(cfg.content_dir, "content")
+        self.files_B = find_training_images(cfg.style_dir, "style")
+        if cfg.crop_size > cfg.load_size:
+            raise ValueError(f"crop size {cfg.crop_size} is larger than the load size {cfg.load_size}")
+        self.sampler = PairSampler(len(self.files_A), len(self.files_B), cfg.seed, self.ctx.rank, self.ctx.world_size)
+        dataset = UnpairedDataset(self.files_A, self.files_B, cfg.load_size, cfg.crop_size, cfg.flip)
+        workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(
+            self.device, self.ctx.local_world_size)
+        self.loader = make_loader(dataset, self.sampler, cfg.batch_size, workers, self.device)
+        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        self.total_steps, decay_start = schedule_length(cfg, self.steps_per_epoch)
+
+        # Channels-last suits GPU tensor cores; on CPUs it measured slower for convolution backward.
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        self.model = CycleGAN(cfg, self.precision, self.total_steps, decay_start)
+        if self.channels_last:
+            self.model.wrap(lambda _, net: net.to(memory_format=torch.channels_last))
+        self.step = 0
+        if self.resume_state is not None:
+            self.model.load_state_dict(self.resume_state["model"])
+            set_rng_state(self.resume_state["rng"])
+            self.step = self.resume_state["step"]
+        if self.ctx.world_size > 1:
+            self.model.wrap(lambda _, net: self.ctx.wrap_ddp(net, self.device))
+        if cfg.compile:
+            self.model.wrap(lambda _, net: torch.compile(net))
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        """Train to the end of the schedule, or until step `stop_at` (then save, as Ctrl-C does)."""
+        cfg, main = self.cfg, self.ctx.is_main
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+        if main:
+            self._prepare_run_dir()
+        fixed_A = fixed_images(self.files_A, cfg.num_samples, cfg.load_size, cfg.crop_size)
+        fixed_B = fixed_images(self.files_B, cfg.num_samples, cfg.load_size, cfg.crop_size)
+        bar = self._progress_bar()
+        sums: dict[str, torch.Tensor] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        batches = self._batches()
+        with StopRequest() as stop:
+            while self.step < end and not self.ctx.any(stop.requested):
+                batch = next(batches)
+                real_A = to_model_range(batch["A"], self.device, self.channels_last)
+                real_B = to_model_range(batch["B"], self.device, self.channels_last)
+                lr = self.model.opt_G.param_groups[0]["lr"]  # the rate this step uses
+                losses = self.model.train_step(real_A, real_B)
+                self.step += 1
+                window_steps += 1
+                for k, v in losses.items():  # summed on the device: no synchronisation per step
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+                if self.step % cfg.log_every == 0:
+                    elapsed = time.perf_counter() - window_start
+                    self._log(sums, window_steps, elapsed, lr, bar)
+                    sums, window_start, window_steps = {}, time.perf_counter(), 0
+                bar.update(1)
+                if main and (self.step % cfg.sample_every == 0 or self.step == self.total_steps):
+                    self._save_samples(fixed_A, fixed_B)
+                if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                    self._checkpoint()
+            if window_steps:  # a stop mid-window still logs the steps it took
+                self._log(sums, window_steps, time.perf_counter() - window_start, lr, bar)
+            interrupted = self.step < self.total_steps
+            self._checkpoint()
+        bar.close()
+        if interrupted and main:
+            print(f"Stopped at step {self.step}/{self.total_steps}; saved {self.run_dir / 'latest.pt'}. "
+                  "Run the same command again to resume.")
+        return TrainResult(self.run_dir, self.step, self.total_steps, self.style_path, interrupted)
+
+    def _batches(self):
+        """Batches forever, epoch after epoch, starting where self.step says (a resumed run goes on mid-epoch)."""
+        epoch, done = divmod(self.step, self.steps_per_epoch)
+        start = done * self.cfg.batch_size
+        while True:
+            self.sampler.set_epoch(epoch, start)
+            yield from self.loader
+            epoch, start = epoch + 1, 0
+
+    # -- run directory -----------------------------------------------------------------------------
+    @property
+    def style_path(self) -> Path:
+        return self.run_dir / f"{self.cfg.name}.safetensors"
+
+    def _prepare_run_dir(self) -> None:
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.resume_state is None:
+            metrics.unlink(missing_ok=True)
+        elif metrics.exists():
+            # Lines logged after the checkpoint we resume from would be logged again: drop them.
+            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            atomic_write_text(metrics, "".join(ln + "\n" for ln in keep))
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True,
+                    disable=not (self.progress and self.ctx.is_main))
+
+    def _log(self, sums: dict[str, torch.Tensor], steps: int, elapsed: float, lr: float, bar) -> None:
+        losses = {k: v.item() / steps for k, v in self.ctx.mean(sums).items()}
+        bad = [k for k, v in losses.items() if not torch.isfinite(torch.tensor(v))]
+        if bad:
+            raise FloatingPointError(f"step {self.step}: loss {', '.join(bad)} is not finite; lower --lr, or "
+                                     "use --precision fp32 if mixed precision is on")
+        if not self.ctx.is_main:
+            return
+        record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                  **{k: round(v, 6) for k, v in losses.items()},
+                  "lr": lr, "sec_per_step": round(elapsed / steps, 4)}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        g = sum(v for k, v in losses.items() if not k.startswith("D_"))
+        bar.set_postfix(G=f"{g:.3f}", D=f"{losses['D_A'] + losses['D_B']:.3f}",
+                        cycle=f"{losses['cycle_A'] + losses['cycle_B']:.3f}", refresh=False)
+
+    def _save_samples(self, fixed_A: torch.Tensor, fixed_B: torch.Tensor) -> None:
+        from PIL import Image
+        from torchvision.utils import make_grid
+
+        out = self.model.translate(to_model_range(fixed_A, self.device), to_model_range(fixed_B, self.device))
+        rows = [torch.stack([out["real_A"][i], out["fake_B"][i], out["rec_A"][i]]) for i in range(len(fixed_A))]
+        rows += [torch.stack([out["real_B"][i], out["fake_A"][i], out["rec_B"][i]]) for i in range(len(fixed_B))]
+        grid = make_grid(torch.cat(rows), nrow=3, padding=2, pad_value=1.0, normalize=True, value_range=(-1, 1))
+        pixels = grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+        atomic_write(self.run_dir / "samples" / f"step_{self.step:07d}.png",
+                     lambda f: Image.fromarray(pixels).save(f, format="PNG"))
+
+    def _checkpoint(self) -> None:
+        if not self.ctx.is_main:
+            return
+        cfg = self.cfg
+        save_resume(self.run_dir / "latest.pt", cfg, self.step, self.model.state_dict(),
+                    {"epoch": self.step / self.steps_per_epoch, "total_steps": self.total_steps})
+        meta = {"step": self.step, "content_dir": str(cfg.content_dir), "style_dir": str(cfg.style_dir),
+                "crop_size": cfg.crop_size}
+        nets = {"forward": unwrap(self.model.G_AB), "inverse": unwrap(self.model.G_BA)}
+        export_style(self.style_path, cfg.name, cfg.generator, nets, meta)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path | None = None, fresh: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or resume) a style; the library entry point behind `styleshift train`."""
+    from .styles import runs_dir
+
+    return Trainer(cfg, run_dir if run_dir is not None else runs_dir() / cfg.name, fresh, progress).fit()

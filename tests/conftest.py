@@ -1,0 +1,51 @@
+"""Shared fixtures: small subsets of the bundled sample images and a tiny network configuration, so the
+whole suite runs in minutes on two CPU cores."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+PHOTOS = sorted((SAMPLE / "photos").glob("*.jpg"))
+PAINTINGS = sorted((SAMPLE / "paintings").glob("*.jpg"))
+
+
+def tiny_config(content, style, **overrides):
+    from styleshift.config import DiscriminatorConfig, GeneratorConfig, TrainConfig
+
+    values = dict(
+        name="tiny", content_dir=str(content), style_dir=str(style),
+        generator=GeneratorConfig(arch="resnet_6blocks", ngf=4, n_blocks=1),
+        discriminator=DiscriminatorConfig(ndf=4),
+        load_size=40, crop_size=32, steps=6, log_every=1, sample_every=3, checkpoint_every=3,
+        num_samples=2, num_workers=0, seed=0, device="cpu", precision="fp32",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def sample_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """Four real photos and five real paintings (different sizes, so an epoch walks the paintings)."""
+    root = tmp_path_factory.mktemp("sample")
+    for name, files in (("photos", PHOTOS[:4]), ("paintings", PAINTINGS[:5])):
+        (root / name).mkdir()
+        for f in files:
+            shutil.copy(f, root / name / f.name)
+    return root / "photos", root / "paintings"
+
+
+@pytest.fixture(scope="session")
+def tiny_style(sample_dirs, tmp_path_factory) -> Path:
+    """A style trained for a few steps: enough to exercise loading and applying, not to look good."""
+    from styleshift.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    result = Trainer(tiny_config(*sample_dirs, steps=2), run, progress=False).fit()
+    return result.style_path

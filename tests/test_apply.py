@@ -1,0 +1,137 @@
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import PHOTOS
+from styleshift.checkpoint import load_resume, load_style
+from styleshift.cli import main
+from styleshift.config import TrainConfig
+from styleshift.networks import build_generator
+from styleshift.stylizer import Stylizer
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def photo_file(path, size=None, orientation=None, source=PHOTOS[0]):
+    with Image.open(source) as im:
+        im = im.convert("RGB")
+        if size:
+            im = im.resize(size)
+        kwargs = {}
+        if orientation:
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            kwargs["exif"] = exif.tobytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im.save(path, **kwargs)
+    return path
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_exported_style_rebuilds_with_no_flags_and_gives_identical_output(tiny_style):
+    state = load_resume(tiny_style.parent / "latest.pt")
+    cfg = TrainConfig.from_dict(state["config"])
+    trained = build_generator(cfg.generator)
+    trained.load_state_dict(state["model"]["nets"]["G_AB"])
+    x = torch.rand(1, 3, 36, 44) * 2 - 1
+    with torch.no_grad():
+        expected = trained(x)
+    style = load_style(tiny_style)
+    assert torch.equal(style.build("forward")(x), expected)
+    assert torch.equal(Stylizer(tiny_style, device="cpu", precision="fp32").stylize_tensor(x), expected)
+
+
+def test_odd_sizes_are_kept_exactly(tiny_style, tmp_path):
+    src = photo_file(tmp_path / "odd.png", size=(301, 157))
+    code, out = run_cli("apply", src, "--style", tiny_style)
+    assert code == 0, out
+    with Image.open(tmp_path / "odd.tiny.png") as im:
+        assert im.size == (301, 157)
+
+
+def test_a_1000x667_jpeg_gives_a_1000x667_jpeg(tiny_style, tmp_path):
+    src = photo_file(tmp_path / "big.jpg", size=(1000, 667))
+    code, out = run_cli("apply", src, "-o", tmp_path / "out.jpg", "--style", tiny_style)
+    assert code == 0, out
+    with Image.open(tmp_path / "out.jpg") as im:
+        assert im.format == "JPEG" and im.size == (1000, 667)
+
+
+def test_exif_rotation_is_honoured(tiny_style, tmp_path):
+    # Stored 301 wide and 157 high, with "rotate 90 clockwise to view": upright it is 157 x 301.
+    src = photo_file(tmp_path / "turned.jpg", size=(301, 157), orientation=6)
+    code, out = run_cli("apply", src, "--style", tiny_style)
+    assert code == 0, out
+    with Image.open(tmp_path / "turned.tiny.jpg") as im:
+        assert im.size == (157, 301)
+        assert im.getexif().get(0x0112, 1) == 1
+
+
+def test_a_folder_with_a_corrupt_file_converts_the_rest(tiny_style, tmp_path):
+    src = tmp_path / "photos"
+    for i, p in enumerate(PHOTOS[:3]):
+        photo_file(src / ("sub" if i else "") / p.name, size=(64, 48), source=p)
+    (src / "broken.jpg").write_bytes(PHOTOS[0].read_bytes()[:1500])
+    before = {p: digest(p) for p in src.rglob("*.jpg")}
+    code, out = run_cli("apply", src, "-o", tmp_path / "out", "--style", tiny_style, "--quiet")
+    assert code == 1
+    assert "broken.jpg" in out and "converted 3" in out and "failed 1" in out
+    outputs = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.jpg"))
+    assert outputs == sorted([PHOTOS[0].name, f"sub/{PHOTOS[1].name}", f"sub/{PHOTOS[2].name}"])
+    assert before == {p: digest(p) for p in src.rglob("*.jpg")}  # inputs untouched
+
+    # Again: everything that exists is skipped, unless --overwrite.
+    code, out = run_cli("apply", src, "-o", tmp_path / "out", "--style", tiny_style, "--quiet")
+    assert "skipped 3" in out
+    code, out = run_cli("apply", src, "-o", tmp_path / "out", "--style", tiny_style, "--quiet", "--overwrite")
+    assert "converted 3" in out
+
+
+def test_an_output_never_replaces_its_input(tiny_style, tmp_path):
+    src = photo_file(tmp_path / "p.jpg", size=(40, 30))
+    before = digest(src)
+    code, out = run_cli("apply", src, "-o", src, "--style", tiny_style, "--overwrite")
+    assert code == 1 and "replace the input" in out
+    code, out = run_cli("apply", tmp_path, "-o", tmp_path, "--style", tiny_style)
+    assert code != 0 and "input folder" in out
+    assert digest(src) == before
+
+
+def test_format_option_changes_the_extension_and_output_inside_input_is_not_rescanned(tiny_style, tmp_path):
+    src = tmp_path / "photos"
+    photo_file(src / "a.jpg", size=(40, 30))
+    code, out = run_cli("apply", src, "-o", src / "styled", "--format", "png", "--style", tiny_style)
+    assert code == 0, out
+    assert (src / "styled" / "a.png").exists()
+    code, out = run_cli("apply", src, "-o", src / "styled", "--format", "png", "--style", tiny_style)
+    assert "skipped 1" in out and "failed 0" in out  # its own outputs were not taken as inputs
+
+
+def test_style_is_found_by_run_name_directory_or_file(tiny_style, tmp_path, monkeypatch):
+    monkeypatch.setenv("STYLESHIFT_RUNS", str(tiny_style.parent.parent))
+    src = photo_file(tmp_path / "p.png", size=(40, 30))
+    for spec in ("tiny", tiny_style.parent, tiny_style):
+        code, out = run_cli("apply", src, "--style", spec, "--overwrite")
+        assert code == 0, out
+    code, out = run_cli("apply", src, "--overwrite")  # no --style: the most recent one, said aloud
+    assert code == 0 and "tiny" in out
+    code, out = run_cli("apply", src, "--style", "no-such-style")
+    assert code == 2 and "not found" in out
+
+
+def test_inverse_direction_uses_the_other_generator(tiny_style):
+    pixels = np.asarray(Image.open(PHOTOS[1]).convert("RGB").resize((48, 32)))
+    forward = Stylizer(tiny_style, device="cpu").stylize(pixels)
+    inverse = Stylizer(tiny_style, direction="inverse", device="cpu").stylize(pixels)
+    assert forward.shape == inverse.shape == pixels.shape and not np.array_equal(forward, inverse)
