@@ -85,8 +85,10 @@ class CycleGAN:
         betas = (cfg.beta1, cfg.beta2)
         params_G = [*self.G_AB.parameters(), *self.G_BA.parameters()]
         params_D = [*self.D_A.parameters(), *self.D_B.parameters()]
-        self.opt_G = torch.optim.Adam(params_G, lr=cfg.lr, betas=betas)
-        self.opt_D = torch.optim.Adam(params_D, lr=cfg.lr, betas=betas)
+        # The fused kernel updates all parameters in one pass instead of a dozen ops per tensor.
+        fused = device.type in ("cpu", "cuda")
+        self.opt_G = torch.optim.Adam(params_G, lr=cfg.lr, betas=betas, fused=fused)
+        self.opt_D = torch.optim.Adam(params_D, lr=cfg.lr, betas=betas, fused=fused)
         schedule = LinearDecay(decay_start, total_steps)
         self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, schedule)
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, schedule)

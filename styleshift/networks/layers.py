@@ -14,6 +14,11 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     Same function and state as nn.InstanceNorm2d, computed by faster kernels on CPUs: group norm with one
     channel per group (about 4x faster than F.instance_norm forward + backward), and for channels-last
     tensors a batch norm over the (H*W, C) view, which needs no layout copy.
+
+    Under mixed precision the statistics are always taken in fp32. On CPUs the output stays fp32 too, so
+    the padding, ReLU and residual additions that follow run in fp32 and only the convolutions (which
+    autocast casts) use the bf16 matrix units: those memory-bound ops have no fast bf16 backward kernels
+    on CPUs, which made a naive bf16 training step slower than fp32.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
@@ -22,6 +27,13 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             return F.instance_norm(x, eps=self.eps)  # exports as ONNX InstanceNormalization
+        if x.dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._normalise(x.float())
+            return y if x.device.type == "cpu" else y.to(x.dtype)
+        return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         if n > 0 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             parts = [
