@@ -37,6 +37,8 @@ class Context:
             return torch.device("cuda", self.local_rank)
         if name == "cuda":
             raise ValueError("--device cuda: no CUDA device is available")
+        if name == "mps":  # torch.distributed has no backend for Apple GPUs
+            raise ValueError("--device mps: several processes cannot share an Apple GPU; use --device cpu")
         return torch.device("cpu")
 
     def wrap_ddp(self, net: nn.Module, device: torch.device) -> nn.Module:

@@ -66,6 +66,7 @@ def _job(rank, cfg, style, photos, tmp):
     stop_and_resume(rank, cfg.replace(steps=6, pool_size=2), tmp)
     launch_mismatched(rank, cfg, tmp)
     convert_a_folder(rank, style, photos, tmp)
+    apply_from_the_command_line(rank, style, photos, tmp)  # last: the command leaves the process group
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +206,30 @@ def test_sharded_conversion_writes_each_output_once_and_gathers_the_summary(ddp)
         converted, skipped, failed = r["summary"]
         assert (converted, skipped) == (10, 0)
         assert [path for path, _ in failed] == [str(src / "set0" / "broken.jpg")]
+
+
+def apply_from_the_command_line(rank, style, photos, tmp):
+    import contextlib
+    import io
+
+    from styleshift.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main(["apply", str(photos), "-o", str(tmp / "cli_out"), "--style", str(style), "--device", "cpu",
+                  "--quiet"], standalone_mode=False)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    torch.save((code, out.getvalue()), tmp / f"cli_{rank}.pt")
+
+
+def test_apply_under_torchrun_prints_one_summary_and_fails_on_every_rank(ddp):
+    (code_0, out_0), (code_1, out_1) = [torch.load(ddp / f"cli_{rank}.pt") for rank in range(WORLD)]
+    assert "converted 10, skipped 0 (already there), failed 1" in out_0 and "converted" not in out_1
+    assert code_0 == code_1 == 1  # the broken file, wherever it was, fails the job
+    assert len(list((ddp / "cli_out").rglob("*.jpg"))) == 10
 
 
 # -- the command line ------------------------------------------------------------------------------------------
