@@ -5,12 +5,15 @@ Rules (what `styleshift apply` does):
 - a folder is scanned recursively and mirrored under `-o` (default: `<folder>.<style>` beside it);
 - the output keeps the input's format and extension unless a format is asked for;
 - existing outputs are skipped unless `overwrite`; an output never replaces its input;
-- every write is atomic; one bad file is reported and the rest are converted.
+- every write is atomic; one bad file is reported and the rest are converted;
+- under torchrun each process converts its share of the files, and the summary covers them all.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -140,3 +143,26 @@ def convert(jobs: list[Job], stylize: Callable[[Picture], Picture], overwrite: b
             summary.skipped += 1
     bar.close()
     return summary
+
+
+def shard(jobs: list[Job], rank: int, world_size: int) -> list[Job]:
+    """Process `rank`'s share of `jobs` (the same list on every process: planning is deterministic).
+    Jobs that would write the same output stay together, so `convert` still reports the clash."""
+    first: dict[Path, int] = {}
+    return [job for i, job in enumerate(jobs) if first.setdefault(job.dst, i) % world_size == rank]
+
+
+def convert_shared(jobs: list[Job], stylize: Callable[[Picture], Picture], ctx, **options) -> Summary:
+    """`convert` split over the processes of a torchrun job (`ctx`: styleshift.distributed.Context): each
+    converts its share, and every process returns the summary of all of them."""
+    try:
+        summary = convert(shard(jobs, ctx.rank, ctx.world_size), stylize, **options)
+    except Exception as e:
+        if not ctx.distributed:
+            raise
+        # Not one file's fault. Reported with the rest rather than raised, so no process waits forever
+        # for this one at the gathering below.
+        reason = f"{type(e).__name__}: {e}"
+        print(f"failed: process {ctx.rank} stopped: {reason}", file=sys.stderr)
+        summary = Summary(failed=[(f"process {ctx.rank}", reason)])
+    return functools.reduce(Summary.merge, ctx.gather(summary))

@@ -78,7 +78,9 @@ def build_train_config(base, given: dict, content, style, name):
 @click.option("--decay-epochs", type=int, help="Epochs of linear decay to zero after them [100].")
 @click.option("--steps", type=int, help="Total length in steps instead of epochs (the last half decays).")
 @click.option("--decay-steps", type=int, help="With --steps: how many of them decay [half].")
-@click.option("--batch-size", type=int, help="Images per domain per step [1].")
+@click.option("--batch-size", type=int,
+              help="Images per domain per step and process [1]; N processes (--gpus N, torchrun) make the "
+                   "effective batch N times larger.")
 @click.option("--load-size", type=int, help="Shorter side before the random crop [286].")
 @click.option("--crop-size", type=int, help="Training crop [256].")
 @click.option("--flip/--no-flip", default=None, help="Random horizontal flips [on].")
@@ -108,15 +110,26 @@ def build_train_config(base, given: dict, content, style, name):
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints and style exports [1000].")
 @click.option("--num-samples", type=int, help="Fixed images per domain in the sample grid [3].")
 @click.option("--eval-every", type=int, help="Steps between quality evaluations [never].")
+@click.option("--gpus", type=click.IntRange(min=1),
+              help="Train on N GPUs of this machine: N processes, one per GPU, started under torchrun.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(content, style, name, run_dir, fresh, preset, quiet, **given):
+def train(content, style, name, run_dir, fresh, preset, quiet, gpus, **given):
     """Learn a style from a CONTENT folder (photos) and a STYLE folder (paintings).
 
     The two folders are unpaired: any photos, any paintings. Running the same command on a run that
     was stopped (Ctrl-C saves) resumes it.
+
+    Several GPUs, or several machines: `--gpus N`, or `torchrun [--nnodes ...] --nproc-per-node N -m
+    styleshift train ...` (DistributedDataParallel; the effective batch is N x --batch-size per machine).
     """
+    from . import distributed as dist
+
+    if gpus is not None:
+        launch_on_gpus(gpus)  # returns only for --gpus 1: this process trains
     from .config import TrainConfig, preset as preset_values
     from .styles import runs_dir
+
+    main_process = dist.context().is_main  # under torchrun, only rank 0 speaks
 
     if name is None:
         if style is None and run_dir is None:
@@ -130,7 +143,8 @@ def train(content, style, name, run_dir, fresh, preset, quiet, **given):
         base = TrainConfig.from_dict(load_resume(latest)["config"])
         if preset is not None:
             fail("--preset cannot change a run being resumed; use --fresh to start over")
-        click.echo(f"Resuming {run_dir} (use --fresh to start over)", err=True)
+        if main_process:
+            click.echo(f"Resuming {run_dir} (use --fresh to start over)", err=True)
     else:
         if content is None or style is None:
             fail(f"give the CONTENT and STYLE folders: {run_dir} has no checkpoint to resume")
@@ -143,9 +157,45 @@ def train(content, style, name, run_dir, fresh, preset, quiet, **given):
         result = Trainer(cfg, run_dir, fresh=fresh, progress=not quiet).fit()
     except (DataError, ConfigMismatch, ValueError) as e:
         fail(str(e))
+    finally:
+        dist.close()
     if result.interrupted:
         sys.exit(130)
-    click.echo(f"Style saved to {result.style_path}")
+    if main_process:
+        click.echo(f"Style saved to {result.style_path}")
+
+
+def launch_on_gpus(n: int) -> None:
+    """`train --gpus N`: run this same command as N processes under torchrun, then exit with their status."""
+    import torch
+
+    from . import distributed as dist
+
+    if dist.launched():
+        fail("--gpus starts the processes itself; leave it out under torchrun")
+    if torch.cuda.device_count() < n:
+        fail(f"--gpus {n}: this machine has {torch.cuda.device_count()} CUDA GPU(s). Several CPU processes are "
+             f"started with torchrun: torchrun --nproc-per-node {n} -m styleshift train ...")
+    if n > 1:
+        sys.exit(dist.launch(n, command_line(click.get_current_context(), leave_out={"gpus"})))
+
+
+def command_line(ctx: click.Context, leave_out: set[str] = frozenset()) -> list[str]:
+    """The arguments and options this command was given, as a command line that gives them again."""
+    from click.core import ParameterSource
+
+    args, options = [ctx.info_name], []
+    for param in ctx.command.params:
+        value = ctx.params[param.name]
+        if param.name in leave_out or ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif param.is_flag:
+            options.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            options += [param.opts[0], str(value)]
+    return args + options
 
 
 # -- apply ---------------------------------------------------------------------------------------------------
@@ -169,23 +219,33 @@ def apply(input, output, style_spec, direction, fmt, quality, overwrite, device,
 
     Outputs keep each input's pixel size, format and orientation; existing outputs are skipped.
     """
-    from .apply import convert, plan
+    from . import distributed as dist
+    from .apply import convert_shared, plan
     from .styles import StyleNotFound, find_style
 
     try:
         style_path = find_style(style_spec)
     except StyleNotFound as e:
         fail(str(e))
-    if style_spec is None:
+    ctx = dist.context()  # under torchrun, each process converts its share of the files
+    if style_spec is None and ctx.is_main:
         click.echo(f"Using style {style_path}", err=True)
     from .stylizer import Stylizer
 
+    error = None
     try:
         stylizer = Stylizer(style_path, direction=direction, device=device, precision=precision)
         jobs = plan(input, output, stylizer.name, fmt)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    summary = convert(jobs, stylizer.stylize_picture, overwrite=overwrite, quality=quality, progress=not quiet)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        error = str(e)
+    error = next((e for e in ctx.gather(error) if e), None)  # a failure in any process stops them all
+    if error:
+        fail(error)
+    summary = convert_shared(jobs, stylizer.stylize_picture, ctx, overwrite=overwrite, quality=quality,
+                             progress=not quiet and ctx.is_main)
+    dist.close()
+    if not ctx.is_main:
+        sys.exit(0 if summary.ok else 1)
     if input.is_file() and summary.converted == 1:
         click.echo(f"wrote {jobs[0].dst}")
     elif input.is_file() and summary.skipped == 1:

@@ -74,7 +74,8 @@ class LinearDecay:
 class CycleGAN:
     """The four networks with their optimizers, schedules, image pools and loss scalers."""
 
-    def __init__(self, cfg: TrainConfig, precision: Precision, total_steps: int, decay_start: int) -> None:
+    def __init__(self, cfg: TrainConfig, precision: Precision, total_steps: int, decay_start: int,
+                 rank: int = 0) -> None:
         self.cfg = cfg
         self.precision = precision
         device = precision.device
@@ -92,9 +93,10 @@ class CycleGAN:
         schedule = LinearDecay(decay_start, total_steps)
         self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, schedule)
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, schedule)
-        # Different seeds so the two pools do not draw in lockstep.
-        self.pool_A = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 1)
-        self.pool_B = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 2)
+        # Different seeds so the two pools do not draw in lockstep; under DDP each rank (process) keeps
+        # its own pools of its own fakes, drawing with its own seeds.
+        self.pool_A = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 1 + 1_000_003 * rank)
+        self.pool_B = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 2 + 1_000_003 * rank)
         self.scaler_G = precision.grad_scaler()  # one per optimizer: their gradients differ in scale
         self.scaler_D = precision.grad_scaler()
 

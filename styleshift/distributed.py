@@ -1,11 +1,13 @@
 """torch.distributed plumbing: which process am I, and the few collective operations training needs.
 
 A single process (the usual case) gets a Context whose collectives are no-ops, so the trainer has one
-code path. Under `torchrun`, the process group is created from torchrun's environment variables.
+code path. Under `torchrun`, the process group is created from torchrun's environment variables
+(nccl between GPUs, gloo between CPU processes); `launch` starts such a job on this machine.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -35,14 +37,17 @@ class Context:
             return torch.device("cuda", self.local_rank)
         if name == "cuda":
             raise ValueError("--device cuda: no CUDA device is available")
+        if name == "mps":  # torch.distributed has no backend for Apple GPUs
+            raise ValueError("--device mps: several processes cannot share an Apple GPU; use --device cpu")
         return torch.device("cpu")
 
     def wrap_ddp(self, net: nn.Module, device: torch.device) -> nn.Module:
         if not self.distributed:
             return net
         ids = [device.index] if device.type == "cuda" else None
-        # Instance norm keeps no running buffers, so there is nothing to broadcast before each forward.
-        return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+        # Wrapping broadcasts rank 0's parameters, so every rank starts from the same weights. Instance norm
+        # keeps no running statistics, so no buffer needs syncing before each forward.
+        return nn.parallel.DistributedDataParallel(net, device_ids=ids, **_NO_FORWARD_BUFFER_SYNC)
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any: all ranks must stop at the same step."""
@@ -69,12 +74,38 @@ class Context:
         tdist.all_gather_object(out, obj)
         return out
 
+    def gather_to_main(self, obj):
+        """A list of every rank's `obj` on rank 0 (None elsewhere): for large values only rank 0 keeps."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        tdist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` (any picklable value), on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.distributed:
             tdist.barrier()
 
     def _collective_device(self) -> torch.device:
+        # Small values go through gloo on the CPU (see `context`): no wait on the GPU's queue. Only a group
+        # made elsewhere with nccl alone needs them on the GPU.
         return torch.device("cuda", self.local_rank) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# `broadcast_buffers` became `forward_sync_buffers` in recent torch; use whichever this torch knows.
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def context() -> Context:
@@ -83,9 +114,12 @@ def context() -> Context:
     if world_size <= 1:
         return Context()
     if not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = "gloo"
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # nccl for CUDA tensors (gradients), gloo for CPU ones: the per-step stop flag and the objects
+            # gathered at checkpoints stay off the GPU, and `--device cpu` works on a machine with GPUs.
+            backend = "cpu:gloo,cuda:nccl"
         tdist.init_process_group(backend)
     return Context(
         rank=tdist.get_rank(),
@@ -93,3 +127,30 @@ def context() -> Context:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
+
+
+def close() -> None:
+    """Leave the process group (at the end of a command run under torchrun)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def launched() -> bool:
+    """True in a process started by torchrun (or any launcher that sets its environment)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run `python -m styleshift ARGS` as `nproc` processes on this machine under torchrun (its
+    standalone rendezvous: a free local port, no address to give); returns the job's exit status."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "styleshift", *args]))
+    except ChildFailedError as e:  # the workers have printed their own errors
+        return next((f.exitcode for f in e.failures.values() if f.exitcode > 0), 1)
+    except SignalException as e:  # Ctrl-C: torchrun passed it on to the workers, which saved and stopped
+        return 128 + int(e.sigval)
+    return 0

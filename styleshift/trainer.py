@@ -8,6 +8,11 @@ runs/NAME/
     NAME.safetensors     the exported style (both generators + config)
 
 Running again on a directory that holds latest.pt resumes it; Ctrl-C saves and exits cleanly.
+
+Under torchrun (DistributedDataParallel) every process trains on its own share of each epoch and keeps its
+own image pools; gradients are averaged, so the networks stay identical. A step is a global step: each
+process takes it with its own batch, so the effective batch is batch_size x world_size and an epoch has
+world_size times fewer steps. Rank 0 alone writes the run directory, every rank resumes from latest.pt.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from .checkpoint import export_style, load_resume, save_resume, set_rng_state
+from .checkpoint import export_style, load_resume, rng_state, save_resume, set_rng_state
 from .config import RESUMABLE, TrainConfig
 from .cyclegan import CycleGAN, unwrap
 from .data import PairSampler, UnpairedDataset, default_num_workers, find_training_images, fixed_images, make_loader
@@ -95,6 +100,7 @@ class Trainer:
             self.resume_state = load_resume(latest)
             check_resumable(TrainConfig.from_dict(self.resume_state["config"]), cfg)
         self.cfg = cfg
+        self._check_ranks_agree()
         torch.manual_seed(cfg.seed + self.ctx.rank)  # ranks differ where randomness is not data-driven
 
         self.files_A = find_training_images(cfg.content_dir, "content")
@@ -111,28 +117,57 @@ class Trainer:
 
         # Channels-last suits GPU tensor cores; on CPUs it measured slower for convolution backward.
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
-        self.model = CycleGAN(cfg, self.precision, self.total_steps, decay_start)
+        self.model = CycleGAN(cfg, self.precision, self.total_steps, decay_start, self.ctx.rank)
         if self.channels_last:
             self.model.wrap(lambda _, net: net.to(memory_format=torch.channels_last))
         self.step = 0
         if self.resume_state is not None:
-            self.model.load_state_dict(self.resume_state["model"])
-            set_rng_state(self.resume_state["rng"])
-            self.step = self.resume_state["step"]
+            self._restore(self.resume_state)
         if self.ctx.world_size > 1:
             self.model.wrap(lambda _, net: self.ctx.wrap_ddp(net, self.device))
         if cfg.compile:
             self.model.wrap(lambda _, net: torch.compile(net))
+
+    # -- resuming, and keeping the processes of a distributed job in agreement ----------------------------
+    def _rank_state(self) -> dict:
+        """What differs between ranks: the image pools and the random generators."""
+        return {"pool_A": self.model.pool_A.state_dict(), "pool_B": self.model.pool_B.state_dict(),
+                "rng": rng_state()}
+
+    def _restore(self, state: dict) -> None:
+        if self.ctx.rank == 0:
+            own = {"pool_A": state["model"]["pool_A"], "pool_B": state["model"]["pool_B"], "rng": state["rng"]}
+        else:  # a rank the saved run did not have (it had fewer processes) starts with empty pools
+            own = state.get("other_ranks", {}).get(self.ctx.rank) or self._rank_state()
+        self.model.load_state_dict({**state["model"], "pool_A": own["pool_A"], "pool_B": own["pool_B"]})
+        set_rng_state(own["rng"])
+        self.step = state["step"]
+
+    def _check_ranks_agree(self) -> None:
+        """Every process must train the same configuration from the same checkpoint: a rank launched with
+        other options, or one that cannot see the run directory, would silently diverge."""
+        if not self.ctx.distributed:
+            return
+        step = self.resume_state["step"] if self.resume_state is not None else None
+        views = self.ctx.gather((self.cfg.to_dict(), step))
+        for rank, (cfg, step_r) in enumerate(views):
+            if cfg != views[0][0]:
+                diffs = sorted(k for k in cfg if cfg[k] != views[0][0][k])
+                raise ConfigMismatch(f"rank {rank} was launched with other settings than rank 0 ({', '.join(diffs)})")
+            if step_r != views[0][1]:
+                what = [f"step {s}" if s is not None else "nothing" for s in (step_r, views[0][1])]
+                raise ConfigMismatch(f"rank {rank} resumes {what[0]} from {self.run_dir / 'latest.pt'}, rank 0 "
+                                     f"{what[1]}: every machine must see the run directory (a shared filesystem)")
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train to the end of the schedule, or until step `stop_at` (then save, as Ctrl-C does)."""
         cfg, main = self.cfg, self.ctx.is_main
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
-        if main:
+        if main:  # rank 0 alone writes the run directory, and draws the sample grids
             self._prepare_run_dir()
-        fixed_A = fixed_images(self.files_A, cfg.num_samples, cfg.load_size, cfg.crop_size)
-        fixed_B = fixed_images(self.files_B, cfg.num_samples, cfg.load_size, cfg.crop_size)
+            fixed_A = fixed_images(self.files_A, cfg.num_samples, cfg.load_size, cfg.crop_size)
+            fixed_B = fixed_images(self.files_B, cfg.num_samples, cfg.load_size, cfg.crop_size)
         bar = self._progress_bar()
         sums: dict[str, torch.Tensor] = {}
         window_start, window_steps = time.perf_counter(), 0
@@ -161,6 +196,7 @@ class Trainer:
                 self._log(sums, window_steps, time.perf_counter() - window_start, lr, bar)
             interrupted = self.step < self.total_steps
             self._checkpoint()
+        self.ctx.barrier()  # no rank returns (or exits) before rank 0 has written the checkpoint
         bar.close()
         if interrupted and main:
             print(f"Stopped at step {self.step}/{self.total_steps}; saved {self.run_dir / 'latest.pt'}. "
@@ -228,11 +264,15 @@ class Trainer:
                      lambda f: Image.fromarray(pixels).save(f, format="PNG"))
 
     def _checkpoint(self) -> None:
+        # Every rank sends rank 0 what only it has (its pools and random state), so each resumes its own.
+        others = self.ctx.gather_to_main(self._rank_state() if self.ctx.rank else None)
         if not self.ctx.is_main:
             return
         cfg = self.cfg
-        save_resume(self.run_dir / "latest.pt", cfg, self.step, self.model.state_dict(),
-                    {"epoch": self.step / self.steps_per_epoch, "total_steps": self.total_steps})
+        extra = {"epoch": self.step / self.steps_per_epoch, "total_steps": self.total_steps}
+        if self.ctx.distributed:
+            extra["other_ranks"] = {rank: state for rank, state in enumerate(others) if rank}
+        save_resume(self.run_dir / "latest.pt", cfg, self.step, self.model.state_dict(), extra)
         meta = {"step": self.step, "content_dir": str(cfg.content_dir), "style_dir": str(cfg.style_dir),
                 "crop_size": cfg.crop_size}
         nets = {"forward": unwrap(self.model.G_AB), "inverse": unwrap(self.model.G_BA)}
