@@ -131,16 +131,15 @@ def train(content, style, name, run_dir, fresh, preset, quiet, gpus, **given):
 
     main_process = dist.context().is_main  # under torchrun, only rank 0 speaks
 
-    if name is None:
-        if style is None and run_dir is None:
-            fail("give the CONTENT and STYLE folders (or --name/--run-dir of a run to resume)")
-        name = (style or run_dir).resolve().name
-    run_dir = run_dir or runs_dir() / name
+    if name is None and style is None and run_dir is None:
+        fail("give the CONTENT and STYLE folders (or --name/--run-dir of a run to resume)")
+    run_dir = run_dir or runs_dir() / (name or style.resolve().name)
     latest = run_dir / "latest.pt"
     if latest.exists() and not fresh:
         from .checkpoint import load_resume
 
         base = TrainConfig.from_dict(load_resume(latest)["config"])
+        name = name or base.name
         if preset is not None:
             fail("--preset cannot change a run being resumed; use --fresh to start over")
         if main_process:
@@ -149,6 +148,7 @@ def train(content, style, name, run_dir, fresh, preset, quiet, gpus, **given):
         if content is None or style is None:
             fail(f"give the CONTENT and STYLE folders: {run_dir} has no checkpoint to resume")
         base = TrainConfig(**preset_values(preset or "reference"))
+        name = name or (style or run_dir).resolve().name
     cfg = build_train_config(base, given, content, style, name)
     from .data import DataError
     from .trainer import ConfigMismatch, Trainer

@@ -32,6 +32,11 @@ def test_train_from_the_command_line_then_resume_with_only_the_name(tmp_path, mo
     assert result.exit_code == 0, result.output
     assert [line for line in (run / "metrics.jsonl").read_text().splitlines()][-1].startswith('{"step": 4')
 
+    # Or by its directory alone.
+    result = CliRunner().invoke(main, ["train", "--run-dir", str(run), "--steps", "5", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (run / "metrics.jsonl").read_text().splitlines()[-1].startswith('{"step": 5')
+
     result = CliRunner().invoke(main, ["train", "--name", "cli", "--ngf", "8", "--quiet"])
     assert result.exit_code == 2 and "--fresh" in result.output
 
