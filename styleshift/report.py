@@ -70,7 +70,7 @@ def curves(records: list[dict], renderer: str = "auto") -> list[str]:
              [_series(evals, "eval_swd", f"G({where})"), _series(evals, "eval_swd_baseline", where, dashed=True)],
              "SWD x 1e3"),
             ("Cycle reconstruction PSNR", [_series(evals, "eval_cycle_psnr", "F(G(x)) vs x")], "dB"),
-            ("Cycle reconstruction SSIM", [_series(evals, "eval_cycle_ssim", "F(G(x)) vs x")], "SSIM"),
+            ("Cycle reconstruction SSIM", [_series(evals, "eval_cycle_ssim", "F(G(x)) vs x")], ""),
         ]
     return [chart(title, series, ylabel, renderer) for title, series, ylabel in charts if any(s.x for s in series)]
 
@@ -123,7 +123,7 @@ def _eval_section(result: dict) -> str:
         if not r:
             continue
         header = ["SWD x 1e3", *(f"{s} px" for s in r["swd"]["resolutions"]), "mean"]
-        rows = [[label, *swd["levels"], swd["mean"]] for label, swd in
+        rows = [[label, *(round(v, 1) for v in swd["levels"]), round(swd["mean"], 1)] for label, swd in
                 (("untranslated (baseline)", r["swd_baseline"]), ("translated", r["swd"]))]
         parts.append(f"<h3>{direction}: {r['source_images']} images against {r['target_images']}</h3>"
                      + _table(header, rows)
