@@ -23,6 +23,8 @@ def main() -> None:
       styleshift train photos/ paintings/ --name impressionism
       styleshift apply photo.jpg --style impressionism
       styleshift apply photos/ -o out/ --style impressionism
+      styleshift eval photos/ paintings/ --style impressionism
+      styleshift report impressionism
     """
 
 
@@ -112,8 +114,10 @@ def build_train_config(base, given: dict, content, style, name):
 @click.option("--eval-every", type=int, help="Steps between quality evaluations [never].")
 @click.option("--gpus", type=click.IntRange(min=1),
               help="Train on N GPUs of this machine: N processes, one per GPU, started under torchrun.")
+@click.option("--tensorboard", is_flag=True, help="Also log scalars and sample grids for TensorBoard (the "
+              "[tensorboard] extra), in RUN/tensorboard.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(content, style, name, run_dir, fresh, preset, quiet, gpus, **given):
+def train(content, style, name, run_dir, fresh, preset, quiet, gpus, tensorboard, **given):
     """Learn a style from a CONTENT folder (photos) and a STYLE folder (paintings).
 
     The two folders are unpaired: any photos, any paintings. Running the same command on a run that
@@ -154,7 +158,7 @@ def train(content, style, name, run_dir, fresh, preset, quiet, gpus, **given):
     from .trainer import ConfigMismatch, Trainer
 
     try:
-        result = Trainer(cfg, run_dir, fresh=fresh, progress=not quiet).fit()
+        result = Trainer(cfg, run_dir, fresh=fresh, progress=not quiet, tensorboard=tensorboard).fit()
     except (DataError, ConfigMismatch, ValueError) as e:
         fail(str(e))
     finally:
@@ -254,6 +258,83 @@ def apply(input, output, style_spec, direction, fmt, quality, overwrite, device,
         click.echo(summary.line())
     if not summary.ok:
         sys.exit(1)
+
+
+# -- eval ----------------------------------------------------------------------------------------------------
+@main.command("eval")
+@click.argument("photos", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("paintings", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-s", "--style", "style_spec",
+              help="A run name, run directory or .safetensors file [the most recently trained style].")
+@click.option("--both", is_flag=True, help="Also measure the inverse direction (paintings -> photos).")
+@click.option("--size", type=click.IntRange(16), default=256, show_default=True,
+              help="Images are compared as centre crops of this side (shorter side scaled to it first).")
+@click.option("--limit", type=click.IntRange(1), help="At most this many images per folder, evenly spread.")
+@click.option("--normalize", type=click.Choice(["target", "per-set"]), default="target", show_default=True,
+              help="target: both sets use the target set's colour statistics (global colour shifts count); "
+                   "per-set: each its own, as Karras et al. 2018.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random patches and directions.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the results [eval.json in the style's run directory, else eval.<style>.json].")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--device", type=DEVICES, default="auto", show_default=True)
+@click.option("--precision", type=PRECISIONS, default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_(photos, paintings, style_spec, both, size, limit, normalize, seed, json_path, batch_size, device,
+          precision, quiet):
+    """Measure a style offline on PHOTOS and PAINTINGS (no pretrained network, nothing downloaded).
+
+    Prints the sliced Wasserstein distance (SWD, x1e3, per pyramid level and mean) between the paintings and
+    the photos before (baseline) and after translation - lower is closer to the style - and how well the
+    cycle F(G(x)) gives the photos back (PSNR, SSIM). Writes the same as JSON.
+    """
+    from .styles import StyleNotFound, find_style
+
+    try:
+        style_path = find_style(style_spec)
+    except StyleNotFound as e:
+        fail(str(e))
+    from .data import DataError
+    from .evaluate import evaluate, format_table, write_json
+
+    try:
+        result = evaluate(style_path, photos, paintings, size=size, both=both, limit=limit, seed=seed,
+                          normalize=normalize, device=device, precision=precision, batch_size=batch_size,
+                          progress=not quiet)
+    except (DataError, ValueError) as e:
+        fail(str(e))
+    run_dir = style_path.parent if (style_path.parent / "config.json").exists() else None
+    if json_path is None:
+        json_path = run_dir / "eval.json" if run_dir else Path(f"eval.{result['style']}.json")
+    write_json(json_path, result)
+    click.echo(format_table(result))
+    click.echo(f"wrote {json_path}")
+    if run_dir and (run_dir / "report.html").exists():
+        from .report import write_report
+
+        write_report(run_dir)  # the run's page shows the new figures
+
+
+# -- report --------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("run", required=False)
+@click.option("--embed", is_flag=True, help="Put the sample grids inside the page too (a larger file that can "
+              "be moved or sent alone).")
+@click.option("--svg", is_flag=True, help="Draw the curves as SVG even when matplotlib is installed.")
+def report(run, embed, svg):
+    """Write RUN/report.html: curves, sample grids over time, configuration, links to the style.
+
+    RUN is a run directory or a run name [the most recently trained run]. Training writes this page at each
+    checkpoint too.
+    """
+    from .report import write_report
+    from .styles import StyleNotFound, find_run
+
+    try:
+        run_dir = find_run(run)
+    except StyleNotFound as e:
+        fail(str(e))
+    click.echo(f"wrote {write_report(run_dir, embed=embed, renderer='svg' if svg else 'auto')}")
 
 
 if __name__ == "__main__":

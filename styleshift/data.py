@@ -197,9 +197,14 @@ def make_loader(
     )
 
 
+def centre_crop(load_size: int, crop_size: int) -> A.Compose:
+    """Shorter side to `load_size`, then the central `crop_size` square: how fixed and evaluated images are seen."""
+    return A.Compose([shorter_side_to(load_size), A.CenterCrop(crop_size, crop_size)])
+
+
 def fixed_images(files: list[Path], count: int, load_size: int, crop_size: int) -> torch.Tensor:
     """The first `count` decodable images, centre-cropped as training sees them: a fixed set to watch."""
-    prepare = A.Compose([shorter_side_to(load_size), A.CenterCrop(crop_size, crop_size)])
+    prepare = centre_crop(load_size, crop_size)
     images = []
     for path in files:
         if len(images) == count:

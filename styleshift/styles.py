@@ -42,3 +42,18 @@ def find_style(spec: str | os.PathLike | None, runs: Path | None = None) -> Path
     names = sorted(d.name for d in runs.glob("*/") if style_file_in(d)) if runs.is_dir() else []
     known = f"; styles under {runs}/: {', '.join(names)}" if names else ""
     raise StyleNotFound(f"style {str(spec)!r} not found (not a file, a run directory or a run name){known}")
+
+
+def find_run(spec: str | os.PathLike | None, runs: Path | None = None) -> Path:
+    """Resolve `spec` to a run directory (one holding config.json): a path, or a run name under `runs`.
+    With no spec, the run trained most recently."""
+    runs = runs if runs is not None else runs_dir()
+    if spec is None:
+        found = sorted(runs.glob("*/config.json"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+        if not found:
+            raise StyleNotFound(f"no run under {runs}/: train one with 'styleshift train', or name a run directory")
+        return found[-1].parent
+    for run_dir in (Path(spec), runs / str(spec)):
+        if (run_dir / "config.json").is_file():
+            return run_dir
+    raise StyleNotFound(f"run {str(spec)!r} not found (not a run directory, nor a run name under {runs}/)")

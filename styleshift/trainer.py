@@ -2,10 +2,12 @@
 
 runs/NAME/
     config.json          the full configuration
-    metrics.jsonl        one line per `log_every` steps: step, epoch, each loss, lr, seconds per step
+    metrics.jsonl        one line per `log_every` steps: step, epoch, each loss, lr, seconds per step;
+                         with `eval_every`, lines of eval_* measures (see styleshift.evaluate)
     samples/step_*.png   fixed images: real | translated | reconstructed, both directions
     latest.pt            everything needed to resume (see styleshift.checkpoint)
     NAME.safetensors     the exported style (both generators + config)
+    report.html          curves, sample grids and configuration, refreshed at each checkpoint
 
 Running again on a directory that holds latest.pt resumes it; Ctrl-C saves and exits cleanly.
 
@@ -21,6 +23,7 @@ import json
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from .config import RESUMABLE, TrainConfig
 from .cyclegan import CycleGAN, unwrap
 from .data import PairSampler, UnpairedDataset, default_num_workers, find_training_images, fixed_images, make_loader
 from .data import to_model_range
+from .evaluate import HELD_ASIDE_MAX, TrainingEval, held_aside, relative_name, spread
 from .fsutil import atomic_write, atomic_write_text
 from .precision import Precision, resolve_device
 
@@ -88,9 +92,11 @@ class StopRequest:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, fresh: bool = False, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, fresh: bool = False, progress: bool = True,
+                 tensorboard: bool = False):
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.tensorboard, self.tb = tensorboard, None
         self.ctx = dist.context()
         self.device = resolve_device(cfg.device) if self.ctx.world_size == 1 else self.ctx.device(cfg.device)
         self.precision = Precision.resolve(cfg.precision, self.device)
@@ -103,7 +109,9 @@ class Trainer:
         self._check_ranks_agree()
         torch.manual_seed(cfg.seed + self.ctx.rank)  # ranks differ where randomness is not data-driven
 
-        self.files_A = find_training_images(cfg.content_dir, "content")
+        files_A = find_training_images(cfg.content_dir, "content")
+        self.held_A = held_aside(files_A, cfg.content_dir, cfg.eval_every, self.resume_state)
+        self.files_A = [f for f in files_A if f not in self.held_A]
         self.files_B = find_training_images(cfg.style_dir, "style")
         if cfg.crop_size > cfg.load_size:
             raise ValueError(f"crop size {cfg.crop_size} is larger than the load size {cfg.load_size}")
@@ -164,10 +172,12 @@ class Trainer:
         """Train to the end of the schedule, or until step `stop_at` (then save, as Ctrl-C does)."""
         cfg, main = self.cfg, self.ctx.is_main
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
-        if main:  # rank 0 alone writes the run directory, and draws the sample grids
+        evaluator = None
+        if main:  # rank 0 alone writes the run directory, draws the sample grids and evaluates
             self._prepare_run_dir()
             fixed_A = fixed_images(self.files_A, cfg.num_samples, cfg.load_size, cfg.crop_size)
             fixed_B = fixed_images(self.files_B, cfg.num_samples, cfg.load_size, cfg.crop_size)
+            evaluator = self._evaluator() if cfg.eval_every else None
         bar = self._progress_bar()
         sums: dict[str, torch.Tensor] = {}
         window_start, window_steps = time.perf_counter(), 0
@@ -190,6 +200,8 @@ class Trainer:
                 bar.update(1)
                 if main and (self.step % cfg.sample_every == 0 or self.step == self.total_steps):
                     self._save_samples(fixed_A, fixed_B)
+                if evaluator and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+                    self._evaluate(evaluator)
                 if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                     self._checkpoint()
             if window_steps:  # a stop mid-window still logs the steps it took
@@ -198,6 +210,8 @@ class Trainer:
             self._checkpoint()
         self.ctx.barrier()  # no rank returns (or exits) before rank 0 has written the checkpoint
         bar.close()
+        if self.tb is not None:
+            self.tb.close()
         if interrupted and main:
             print(f"Stopped at step {self.step}/{self.total_steps}; saved {self.run_dir / 'latest.pt'}. "
                   "Run the same command again to resume.")
@@ -219,6 +233,10 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        if self.tensorboard:
+            from .tblog import open_tensorboard
+
+            self.tb = open_tensorboard(self.run_dir / "tensorboard")
         atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
         metrics = self.run_dir / "metrics.jsonl"
         if self.resume_state is None:
@@ -245,11 +263,27 @@ class Trainer:
         record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                   **{k: round(v, 6) for k, v in losses.items()},
                   "lr": lr, "sec_per_step": round(elapsed / steps, 4)}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append_metrics(record)
         g = sum(v for k, v in losses.items() if not k.startswith("D_"))
         bar.set_postfix(G=f"{g:.3f}", D=f"{losses['D_A'] + losses['D_B']:.3f}",
                         cycle=f"{losses['cycle_A'] + losses['cycle_B']:.3f}", refresh=False)
+
+    def _append_metrics(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            self.tb.scalars(record)
+
+    def _evaluator(self) -> TrainingEval:
+        cfg = self.cfg
+        # A run resumed with evaluation newly on has no held-aside photos: it watches training photos instead.
+        photos = self.held_A or spread(self.files_A, HELD_ASIDE_MAX)
+        return TrainingEval(photos, self.files_B, cfg.load_size, cfg.crop_size, cfg.seed, bool(self.held_A))
+
+    def _evaluate(self, evaluator: TrainingEval) -> None:
+        G, F = unwrap(self.model.G_AB), unwrap(self.model.G_BA)
+        record = evaluator(G, F, self.device, self.precision.autocast)
+        self._append_metrics({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **record})
 
     def _save_samples(self, fixed_A: torch.Tensor, fixed_B: torch.Tensor) -> None:
         from PIL import Image
@@ -262,6 +296,8 @@ class Trainer:
         pixels = grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
         atomic_write(self.run_dir / "samples" / f"step_{self.step:07d}.png",
                      lambda f: Image.fromarray(pixels).save(f, format="PNG"))
+        if self.tb is not None:
+            self.tb.image("samples", grid, self.step)
 
     def _checkpoint(self) -> None:
         # Every rank sends rank 0 what only it has (its pools and random state), so each resumes its own.
@@ -269,7 +305,8 @@ class Trainer:
         if not self.ctx.is_main:
             return
         cfg = self.cfg
-        extra = {"epoch": self.step / self.steps_per_epoch, "total_steps": self.total_steps}
+        extra = {"epoch": self.step / self.steps_per_epoch, "total_steps": self.total_steps,
+                 "held_aside": [relative_name(f, cfg.content_dir) for f in self.held_A]}
         if self.ctx.distributed:
             extra["other_ranks"] = {rank: state for rank, state in enumerate(others) if rank}
         save_resume(self.run_dir / "latest.pt", cfg, self.step, self.model.state_dict(), extra)
@@ -277,10 +314,18 @@ class Trainer:
                 "crop_size": cfg.crop_size}
         nets = {"forward": unwrap(self.model.G_AB), "inverse": unwrap(self.model.G_BA)}
         export_style(self.style_path, cfg.name, cfg.generator, nets, meta)
+        from .report import write_report
+
+        try:
+            write_report(self.run_dir)
+        except Exception as e:  # the report is a view of the run: it must never stop one
+            warnings.warn(f"could not write {self.run_dir / 'report.html'}: {e}", stacklevel=2)
 
 
-def train(cfg: TrainConfig, run_dir: str | Path | None = None, fresh: bool = False, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, run_dir: str | Path | None = None, fresh: bool = False, progress: bool = True,
+          tensorboard: bool = False) -> TrainResult:
     """Train (or resume) a style; the library entry point behind `styleshift train`."""
     from .styles import runs_dir
 
-    return Trainer(cfg, run_dir if run_dir is not None else runs_dir() / cfg.name, fresh, progress).fit()
+    run_dir = run_dir if run_dir is not None else runs_dir() / cfg.name
+    return Trainer(cfg, run_dir, fresh, progress, tensorboard).fit()
