@@ -95,7 +95,8 @@ def build_train_config(base, given: dict, content, style, name):
 @click.option("--generator", help="Generator: resnet_9blocks, resnet_6blocks, mobile_resnet [resnet_9blocks].")
 @click.option("--ngf", type=int, help="Generator filters in the first layer [64].")
 @click.option("--n-blocks", type=int, help="Residual blocks [the generator's own].")
-@click.option("--upsample", type=click.Choice(["transpose", "resize"]), help="Generator upsampling [transpose].")
+@click.option("--upsample", type=click.Choice(["transpose", "resize", "subpixel"]),
+              help="Generator upsampling [transpose].")
 @click.option("--downsample", type=click.Choice(["stride", "blur"]), help="Generator downsampling [stride].")
 @click.option("--discriminator", help="Discriminator: basic (70x70 PatchGAN), n_layers [basic].")
 @click.option("--ndf", type=int, help="Discriminator filters in the first layer [64].")

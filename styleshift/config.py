@@ -23,8 +23,8 @@ class GeneratorConfig:
     # "transpose" is the reference's transposed convolution; "resize" is upsample + conv, which cannot
     # make checkerboard artifacts (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts").
     upsample: str = "transpose"
-    # "stride" is the reference's strided convolution; "blur" low-passes before subsampling
-    # (Zhang 2019, "Making Convolutional Networks Shift-Invariant Again").
+    # "stride" is the reference's strided convolution; "blur" low-passes before it (anti-aliasing,
+    # Zhang 2019, "Making Convolutional Networks Shift-Invariant Again").
     downsample: str = "stride"
     in_channels: int = 3
     out_channels: int = 3

@@ -11,14 +11,13 @@ from typing import Callable
 from torch import nn
 
 from ..config import DiscriminatorConfig, GeneratorConfig
-from .mobile import MobileResnetGenerator
 from .patchgan import NLayerDiscriminator
 from .resnet import ResnetGenerator
 
 GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "resnet_9blocks": partial(ResnetGenerator, n_blocks=9),
     "resnet_6blocks": partial(ResnetGenerator, n_blocks=6),  # the reference's choice for 128 px
-    "mobile_resnet": partial(MobileResnetGenerator, n_blocks=6),
+    "mobile_resnet": partial(ResnetGenerator, n_blocks=6, block="mobile"),
 }
 
 DISCRIMINATORS: dict[str, Callable[..., nn.Module]] = {

@@ -56,14 +56,18 @@ def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
             nn.init.normal_(m.weight, 0.0, gain)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+    for m in net.modules():
+        if hasattr(m, "reset_icnr"):
+            m.reset_icnr()
     return net
 
 
-class BlurDownsample(nn.Module):
-    """Low-pass with a binomial [1, 2, 1] filter, then keep every second pixel.
+class Blur(nn.Module):
+    """Low-pass with the binomial [1, 2, 1] x [1, 2, 1] / 16 filter, reflecting at the border.
 
-    Anti-aliased downsampling (Zhang 2019): a strided convolution alone aliases high frequencies into
-    the feature map, which GAN generators turn into texture artifacts.
+    Followed by subsampling it downsamples without aliasing (Zhang 2019, "Making Convolutional Networks
+    Shift-Invariant Again"): a strided convolution alone folds high frequencies into the feature map, which
+    generators turn into texture artifacts.
     """
 
     def __init__(self) -> None:
@@ -74,16 +78,47 @@ class BlurDownsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from kornia.filters import filter2d
 
-        # Reflect at the border, like every other padding in these networks.
-        return filter2d(x, self.kernel.to(x.dtype), border_type="reflect")[..., ::2, ::2]
+        return filter2d(x, self.kernel.to(x.dtype), border_type="reflect")
+
+
+class Subsample(nn.Module):
+    """Keep every second pixel (after a Blur: a BlurPool)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., ::2, ::2]
 
 
 class ResizeUpsample(nn.Module):
-    """Double the size by bilinear interpolation; a convolution after it learns the detail.
+    """Double the size by nearest-neighbour resizing; the convolution after it learns the detail.
 
-    Unlike a stride-2 transposed convolution, every output pixel sees the same number of inputs, so no
-    checkerboard pattern can form (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts").
+    Unlike a stride-2 transposed convolution, every output pixel is made by the same kernel from the same
+    number of inputs, so no checkerboard pattern can form; nearest-neighbour resizing worked best in
+    Odena et al. 2016 ("Deconvolution and Checkerboard Artifacts").
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+class SubpixelUpsample(nn.Module):
+    """Double the size by a convolution to 4x the channels and a pixel shuffle (Shi et al. 2016).
+
+    Like a transposed convolution it has its own kernel for each of the four output phases, so it can draw
+    detail at the output resolution; its "ICNR" start (Aitken et al. 2017) gives the four phases the same
+    kernel, i.e. it begins as a nearest-neighbour resize-convolution, free of checkerboard artifacts.
+    """
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.pad = nn.ReflectionPad2d(1)
+        self.conv = nn.Conv2d(c_in, c_out * 4, 3, bias=True)
+        self.shuffle = nn.PixelShuffle(2)
+
+    def reset_icnr(self) -> None:
+        with torch.no_grad():
+            w, b = self.conv.weight, self.conv.bias
+            w.copy_(w[::4].repeat_interleave(4, dim=0))
+            b.copy_(b[::4].repeat_interleave(4, dim=0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.conv(self.pad(x)))

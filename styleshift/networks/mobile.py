@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import init_weights, instance_norm
-from .resnet import decoder, encoder
+from .layers import instance_norm
 
 
 def separable_conv(channels: int) -> list[nn.Module]:
@@ -33,16 +32,3 @@ class MobileResnetBlock(nn.Module):
 
     def forward(self, x):
         return x + self.block(x)
-
-
-class MobileResnetGenerator(nn.Module):
-    size_multiple = 4
-
-    def __init__(self, in_channels=3, out_channels=3, ngf=32, n_blocks=6, upsample="resize", downsample="blur"):
-        super().__init__()
-        trunk = [MobileResnetBlock(ngf * 4) for _ in range(n_blocks)]
-        self.model = nn.Sequential(*encoder(in_channels, ngf, downsample), *trunk, *decoder(out_channels, ngf, upsample))
-        init_weights(self)
-
-    def forward(self, x):
-        return self.model(x)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import BlurDownsample, ResizeUpsample, init_weights, instance_norm
+from .layers import Blur, ResizeUpsample, SubpixelUpsample, Subsample, init_weights, instance_norm
+from .mobile import MobileResnetBlock
 
 
 class ResnetBlock(nn.Module):
@@ -27,10 +28,14 @@ class ResnetBlock(nn.Module):
 
 
 def down_layer(c_in: int, c_out: int, downsample: str) -> list[nn.Module]:
+    """A stride-2 step to c_out channels, norm and ReLU included."""
     if downsample == "stride":
-        return [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=True)]
+        return [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=True), instance_norm(c_out), nn.ReLU(True)]
     if downsample == "blur":
-        return [BlurDownsample(), nn.ReflectionPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=True)]
+        # Zhang 2019's anti-aliased placement: the convolution and ReLU at full resolution, then low-pass
+        # and subsample ("BlurPool"), so no frequency the output grid cannot hold is aliased into it.
+        return [nn.ReflectionPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=True), instance_norm(c_out), nn.ReLU(True),
+                Blur(), Subsample()]
     raise ValueError(f"unknown downsample {downsample!r} (stride, blur)")
 
 
@@ -39,7 +44,9 @@ def up_layer(c_in: int, c_out: int, upsample: str) -> list[nn.Module]:
         return [nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1, bias=True)]
     if upsample == "resize":
         return [ResizeUpsample(), nn.ReflectionPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=True)]
-    raise ValueError(f"unknown upsample {upsample!r} (transpose, resize)")
+    if upsample == "subpixel":
+        return [SubpixelUpsample(c_in, c_out)]
+    raise ValueError(f"unknown upsample {upsample!r} (transpose, resize, subpixel)")
 
 
 def encoder(in_channels: int, ngf: int, downsample: str) -> list[nn.Module]:
@@ -47,7 +54,6 @@ def encoder(in_channels: int, ngf: int, downsample: str) -> list[nn.Module]:
     layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7, bias=True), instance_norm(ngf), nn.ReLU(True)]
     for mult in (1, 2):
         layers += down_layer(ngf * mult, ngf * mult * 2, downsample)
-        layers += [instance_norm(ngf * mult * 2), nn.ReLU(True)]
     return layers
 
 
@@ -61,12 +67,19 @@ def decoder(out_channels: int, ngf: int, upsample: str) -> list[nn.Module]:
     return layers
 
 
+BLOCKS = {"resnet": ResnetBlock, "mobile": MobileResnetBlock}
+
+
 class ResnetGenerator(nn.Module):
+    """The reference's ResNet generator (Johnson et al. 2016, as used by CycleGAN): encoder, a trunk of
+    residual blocks at 1/4 resolution, decoder. `block="mobile"` swaps in GAN Compression's separable blocks."""
+
     size_multiple = 4  # two stride-2 steps: inputs are padded to a multiple of this
 
-    def __init__(self, in_channels=3, out_channels=3, ngf=64, n_blocks=9, upsample="transpose", downsample="stride"):
+    def __init__(self, in_channels=3, out_channels=3, ngf=64, n_blocks=9, upsample="transpose", downsample="stride",
+                 block="resnet"):
         super().__init__()
-        trunk = [ResnetBlock(ngf * 4) for _ in range(n_blocks)]
+        trunk = [BLOCKS[block](ngf * 4) for _ in range(n_blocks)]
         self.model = nn.Sequential(*encoder(in_channels, ngf, downsample), *trunk, *decoder(out_channels, ngf, upsample))
         init_weights(self)
 
