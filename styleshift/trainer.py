@@ -91,6 +91,13 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _accelerated(net):
+    from .kernels import accelerate
+
+    accelerate(net)
+    return net
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, fresh: bool = False, progress: bool = True,
                  tensorboard: bool = False):
@@ -128,6 +135,10 @@ class Trainer:
         self.model = CycleGAN(cfg, self.precision, self.total_steps, decay_start, self.ctx.rank)
         if self.channels_last:
             self.model.wrap(lambda _, net: net.to(memory_format=torch.channels_last))
+        # Winograd convolutions (styleshift.kernels) cut the CPU time of the ResNet trunk; they only act on
+        # fp32 NCHW tensors on the CPU and leave every other case to the ordinary convolution.
+        if cfg.winograd and self.device.type == "cpu":
+            self.model.wrap(lambda _, net: _accelerated(net))
         self.step = 0
         if self.resume_state is not None:
             self._restore(self.resume_state)
