@@ -89,7 +89,12 @@ class Stylizer:
         if self.device.type != "cpu" or not onnx_available() or (tile and max(height, width) > tile):
             return "torch"
         if self._faster is None:
-            self._faster = faster_engine(self.stylize_tensor, self.stylize_onnx)
+            try:
+                self._faster = faster_engine(self.stylize_tensor, self.stylize_onnx)
+            except (RuntimeError, ValueError, OSError):
+                # "auto" must never do worse than torch: an export or session that fails (an unwritable
+                # cache, an operator this onnxruntime lacks) leaves the torch engine, which works.
+                self._faster = "torch"
         return self._faster
 
     @torch.inference_mode()

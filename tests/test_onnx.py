@@ -108,3 +108,13 @@ def test_onnx_engine_without_onnxruntime_is_one_clear_line(tiny_style, tmp_path,
     code, out = run_cli("apply", src, "--style", tiny_style, "--engine", "onnx")
     assert code == 2 and out.strip() == "error: the onnx engine needs onnxruntime and onnx: pip install 'styleshift[onnx]'"
     assert not (tmp_path / "p.tiny.jpg").exists()
+
+
+def test_auto_keeps_torch_when_the_export_cannot_be_written(tiny_style, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv("STYLESHIFT_CACHE", str(blocker / "cache"))  # under a file: no folder can be made
+    s = Stylizer(tiny_style, device="cpu", precision="fp32", engine="auto")
+    pixels = np.asarray(Image.open(PHOTOS[2]).convert("RGB").resize((40, 32)))
+    assert np.array_equal(s.stylize(pixels), Stylizer(tiny_style, device="cpu", precision="fp32").stylize(pixels))
+    assert s.engine_for(40, 32) == "torch"
