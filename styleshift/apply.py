@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -102,47 +104,103 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def convert_one(job: Job, stylize: Callable[[Picture], Picture], overwrite: bool, quality: int) -> str:
-    """Convert one file; returns "converted" or "skipped", raises ImageError/OSError on failure."""
+def _check(job: Job, overwrite: bool, seen: dict[Path, Path]) -> str:
+    """"convert" or "skipped"; raises ImageError when the job must not run."""
+    if job.dst in seen:
+        raise ImageError(job.src, f"its output {job.dst} is also the output of {seen[job.dst]}")
+    seen[job.dst] = job.src
     if _same_file(job.src, job.dst):
         raise ImageError(job.src, "the output would replace the input; choose another output")
     if job.dst.exists() and not overwrite:
         return "skipped"
-    picture = read_image(job.src)
-    write_image(job.dst, stylize(picture), job.format, quality)
-    return "converted"
+    return "convert"
+
+
+def _done(value=None, error: BaseException | None = None) -> Future:
+    future: Future = Future()
+    future.set_exception(error) if error is not None else future.set_result(value)
+    return future
 
 
 def convert(jobs: list[Job], stylize: Callable[[Picture], Picture], overwrite: bool = False, quality: int = 95,
-            progress: bool = True, report: Callable[[str], None] | None = None) -> Summary:
-    """Convert every job, reporting each failure as one line; never stops at a bad file."""
+            progress: bool = True, report: Callable[[str], None] | None = None, ahead: int = 2) -> Summary:
+    """Convert every job, reporting each failure as one line; never stops at a bad file.
+
+    Decoding and encoding overlap with stylizing: two threads read up to `ahead` files ahead and write
+    finished pictures behind (PIL and OpenCV release the GIL while they decode, encode and compress), so
+    on a CPU the network is not left waiting for files, nor the disk for the network. At most `ahead`
+    decoded pictures wait to be stylized and `ahead` stylized ones to be written, so memory stays
+    bounded. Outcomes are counted and reported in the jobs' order.
+    """
     from tqdm.auto import tqdm
 
     summary = Summary()
-    bar = tqdm(jobs, unit="img", dynamic_ncols=True, disable=not progress or len(jobs) < 2)
+    bar = tqdm(total=len(jobs), unit="img", dynamic_ncols=True, disable=not progress or len(jobs) < 2)
     say = report or bar.write
-    seen: dict[Path, Path] = {}
-    for job in bar:
+
+    def record(job: Job, outcome: Future) -> None:
         try:
-            if job.dst in seen:
-                raise ImageError(job.src, f"its output {job.dst} is also the output of {seen[job.dst]}")
-            seen[job.dst] = job.src
-            outcome = convert_one(job, stylize, overwrite, quality)
+            result = outcome.result()
         except (ImageError, OSError) as e:
             reason = e.reason if isinstance(e, ImageError) else (e.strerror or str(e))
             summary.failed.append((str(job.src), reason))
             say(f"failed: {job.src}: {reason}")
-            continue
         except RuntimeError as e:  # out of memory, and the like: this file fails, the rest go on
             summary.failed.append((str(job.src), str(e).splitlines()[0]))
             say(f"failed: {job.src}: {str(e).splitlines()[0]}")
-            continue
-        if outcome == "converted":
-            summary.converted += 1
         else:
-            summary.skipped += 1
-    bar.close()
+            if result == "skipped":
+                summary.skipped += 1
+            else:
+                summary.converted += 1
+        bar.update()
+
+    # What each job needs, decided up front (in order, so a clash names the first of two jobs).
+    seen: dict[Path, Path] = {}
+    checked: list[Future] = []
+    for job in jobs:
+        try:
+            checked.append(_done(_check(job, overwrite, seen)))
+        except ImageError as e:
+            checked.append(_done(error=e))
+    to_read = deque(i for i, c in enumerate(checked) if not c.exception() and c.result() == "convert")
+
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="styleshift-io")
+    reads: dict[int, Future] = {}
+    pending: deque[tuple[Job, Future]] = deque()  # outcomes not yet recorded, in the jobs' order
+    try:
+        for i, job in enumerate(jobs):
+            while to_read and len(reads) < ahead + 1 and to_read[0] <= i + ahead:
+                reads[to_read[0]] = pool.submit(read_image, jobs[to_read[0]].src)
+                to_read.popleft()
+            outcome = checked[i]
+            if i in reads:
+                outcome = _stylized(reads.pop(i), job, stylize, pool, quality)
+            pending.append((job, outcome))
+            # Record what is finished; wait for the oldest only when `ahead` writes are queued.
+            while pending and (pending[0][1].done() or len(pending) > ahead):
+                record(*pending.popleft())
+        while pending:
+            record(*pending.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
     return summary
+
+
+def _stylized(read: Future, job: Job, stylize: Callable[[Picture], Picture], pool: ThreadPoolExecutor,
+              quality: int) -> Future:
+    """Stylize a decoded picture here (the network runs in this thread) and write it in the pool."""
+    try:
+        picture = stylize(read.result())
+    except (ImageError, OSError, RuntimeError) as e:
+        return _done(error=e)
+
+    def write() -> str:
+        write_image(job.dst, picture, job.format, quality)
+        return "converted"
+
+    return pool.submit(write)
 
 
 def shard(jobs: list[Job], rank: int, world_size: int) -> list[Job]:

@@ -25,6 +25,7 @@ def main() -> None:
       styleshift apply photos/ -o out/ --style impressionism
       styleshift eval photos/ paintings/ --style impressionism
       styleshift report impressionism
+      styleshift export impressionism --onnx impressionism.onnx
     """
 
 
@@ -221,8 +222,16 @@ def command_line(ctx: click.Context, leave_out: set[str] = frozenset()) -> list[
 @click.option("--overwrite", is_flag=True, help="Replace outputs that already exist (inputs never are).")
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
 @click.option("--precision", type=PRECISIONS, default="auto", show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="onnx: onnxruntime on the CPU, whole pictures in fp32 (pip install 'styleshift[onnx]'); "
+                   "auto: onnx where it is installed, on the CPU, and a short timing finds it faster.")
+@click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="How much of the style: 1 the style alone, 0 the photo unchanged, between a blend.")
+@click.option("--preserve-color", is_flag=True,
+              help="Keep the photo's colours and take only the style's brightness and texture.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def apply(input, output, style_spec, direction, fmt, quality, overwrite, device, precision, quiet):
+def apply(input, output, style_spec, direction, fmt, quality, overwrite, device, precision, engine, strength,
+          preserve_color, quiet):
     """Stylize INPUT: a picture, or a folder of pictures (recursively, sub-folders mirrored).
 
     Outputs keep each input's pixel size, format and orientation; existing outputs are skipped.
@@ -242,7 +251,8 @@ def apply(input, output, style_spec, direction, fmt, quality, overwrite, device,
 
     error = None
     try:
-        stylizer = Stylizer(style_path, direction=direction, device=device, precision=precision)
+        stylizer = Stylizer(style_path, direction=direction, device=device, precision=precision, engine=engine,
+                            strength=strength, preserve_color=preserve_color)
         jobs = plan(input, output, stylizer.name, fmt)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         error = str(e)
@@ -262,6 +272,47 @@ def apply(input, output, style_spec, direction, fmt, quality, overwrite, device,
         click.echo(summary.line())
     if not summary.ok:
         sys.exit(1)
+
+
+# -- export --------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("style_spec", metavar="STYLE", required=False)
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the ONNX model.")
+@click.option("--direction", type=click.Choice(["forward", "inverse"]), default="forward", show_default=True,
+              help="forward: photo -> style; inverse: style -> photo.")
+@click.option("--check-image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The picture the export is checked on [the first the style was trained on, else a sample].")
+def export(style_spec, onnx_path, direction, check_image):
+    """Export STYLE's generator to ONNX, then check onnxruntime against PyTorch on a photo.
+
+    STYLE is a run name, run directory or .safetensors file [the most recently trained style]. The model
+    takes N x 3 x H x W float32 RGB in [-1, 1], H and W multiples of 4 (pad, then crop the output back); the
+    style's configuration is in its metadata. Fails if the outputs differ by more than 1e-3.
+    """
+    from .engine import EngineUnavailable, require_onnx
+    from .styles import StyleNotFound, find_style
+
+    try:
+        require_onnx()
+        style_path = find_style(style_spec)
+    except (StyleNotFound, EngineUnavailable) as e:
+        fail(str(e))
+    from .checkpoint import load_style
+    from .export import TOLERANCE, export_onnx, parity, parity_picture
+
+    try:
+        style = load_style(style_path)
+        x, source = parity_picture(style, direction, check_image)
+    except ValueError as e:
+        fail(str(e))
+    export_onnx(style, onnx_path, direction=direction)
+    difference = parity(onnx_path, style, x, direction=direction)
+    h, w = x.shape[-2:]
+    click.echo(f"wrote {onnx_path}")
+    click.echo(f"parity: max |onnx - torch| = {difference:.1e} on a {h}x{w} sample photo ({Path(source).name})")
+    if not difference <= TOLERANCE:  # also catches NaN
+        fail(f"the ONNX model differs from PyTorch by more than {TOLERANCE:g}", code=1)
 
 
 # -- eval ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +19,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFile
 
-from .fsutil import atomic_open
+from .fsutil import atomic_open, atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 FORMAT_OF_EXTENSION = {
@@ -225,6 +227,10 @@ def write_image(path: str | os.PathLike, picture: Picture, fmt: str | None = Non
     """Write atomically (temporary file + rename) in `fmt` (default: from the extension), keeping the
     alpha channel, ICC profile and EXIF where the format can hold them."""
     fmt = fmt or format_for(path)
+    if picture.pixels.dtype == np.uint16 and fmt == "PNG":
+        blob = _png16(picture)
+        atomic_write(path, lambda f: f.write(blob))
+        return
     pixels = to_uint8(picture.pixels)
     im = Image.fromarray(pixels, "RGB")
     if picture.alpha is not None and fmt in ALPHA_FORMATS:
@@ -242,3 +248,32 @@ def write_image(path: str | os.PathLike, picture: Picture, fmt: str | None = Non
         options.update(compression="tiff_deflate")
     with atomic_open(path) as f:
         im.save(f, format=fmt, **options)
+
+
+def _png16(picture: Picture) -> bytes:
+    """A 16-bit RGB(A) PNG with the picture's ICC profile and EXIF.
+
+    PIL writes RGB at 8 bits only; OpenCV writes all 16 but drops the metadata, so its iCCP and eXIf
+    chunks are added here, after IHDR, where the PNG specification wants them (before any IDAT)."""
+    import cv2
+
+    bgr = picture.pixels[..., ::-1]
+    if picture.alpha is not None:
+        alpha = picture.alpha.astype(np.uint16) * (257 if picture.alpha.dtype == np.uint8 else 1)
+        bgr = np.dstack([bgr, alpha])
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(bgr))
+    if not ok:
+        raise OSError(f"cannot encode a {picture.width}x{picture.height} 16-bit PNG")
+    png = encoded.tobytes()
+    chunks = b""
+    if picture.icc_profile:
+        chunks += _png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(picture.icc_profile))
+    if picture.exif:
+        exif = picture.exif[6:] if picture.exif.startswith(b"Exif\0\0") else picture.exif
+        chunks += _png_chunk(b"eXIf", exif)
+    end_of_ihdr = 8 + 8 + 13 + 4  # signature, IHDR length and type, IHDR data, CRC
+    return png[:end_of_ihdr] + chunks + png[end_of_ihdr:]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Style, load_style
+from .colour import blend, preserve_colour
+from .engine import ENGINES, OnnxNet, cached_onnx, faster_engine, onnx_available, pad_to_multiple, require_onnx
 from .images import Picture
 from .precision import Precision, resolve_device
 
@@ -23,17 +25,35 @@ class Stylizer:
     """
 
     def __init__(self, style: str | os.PathLike | Style, direction: str = "forward", device: str = "auto",
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", engine: str = "torch", strength: float = 1.0,
+                 preserve_color: bool = False) -> None:
+        """engine: "torch"; "onnx", onnxruntime on the CPU (see styleshift.engine: fp32, whole pictures,
+        needs the [onnx] extra); or "auto", onnx where it is installed, the device is the CPU and a short
+        timing of both engines (once per Stylizer, on first use) finds it faster, else torch.
+        strength (0..1) and preserve_color: see styleshift.colour."""
         if not isinstance(style, Style):
             from .styles import find_style
 
             style = load_style(find_style(style))
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength {strength} is outside 0..1")
         self.style = style
         self.direction = direction
-        self.device = resolve_device(device)
+        # onnxruntime runs on the CPU here, so "auto" means the CPU for it.
+        self.device = resolve_device("cpu" if engine == "onnx" and device == "auto" else device)
+        if engine == "onnx":
+            require_onnx()
+            if self.device.type != "cpu":
+                raise ValueError(f"the onnx engine runs on the CPU, not {self.device.type}; use --device cpu "
+                                 "or --engine torch")
+        self.engine, self.strength, self.preserve_color = engine, strength, preserve_color
         self.precision = Precision.resolve(precision, self.device)
         self.net = style.build(direction).to(self.device)
         self.multiple = getattr(self.net, "size_multiple", 4)
+        self._onnx: OnnxNet | None = None
+        self._faster: str | None = None  # what "auto" measured
 
     @property
     def name(self) -> str:
@@ -43,13 +63,47 @@ class Stylizer:
     def from_file(cls, path: str | Path, **kwargs) -> "Stylizer":
         return cls(load_style(path), **kwargs)
 
+    @torch.inference_mode()
     def stylize(self, pixels: np.ndarray) -> np.ndarray:
         """H x W x 3 RGB, uint8 or uint16 -> the stylized picture, same size and dtype."""
         top = 65535.0 if pixels.dtype == np.uint16 else 255.0
         x = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None].float()
-        y = self.stylize_tensor(x.mul_(2.0 / top).sub_(1.0))
+        x = x.mul_(2.0 / top).sub_(1.0)
+        run = self.stylize_onnx if self.engine_for(*x.shape[-2:]) == "onnx" else self.stylize_tensor
+        y = self.finish(run(x), x)
         out = y[0].permute(1, 2, 0).add(1.0).mul(top / 2.0).round_().clamp_(0, top)
         return out.cpu().numpy().astype(pixels.dtype)
+
+    def finish(self, styled: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
+        """The network's output with the photo's colours (if preserve_color), at the chosen strength."""
+        if self.preserve_color:
+            styled = preserve_colour(styled, photo)
+        return blend(styled, photo, self.strength)
+
+    def engine_for(self, height: int, width: int) -> str:
+        """The engine that stylizes a height x width picture: "torch" or "onnx"."""
+        if self.engine != "auto":
+            return self.engine
+        tile = getattr(self, "tile_size", None)
+        # The tiled path (large pictures) runs in torch; onnxruntime would run them whole.
+        if self.device.type != "cpu" or not onnx_available() or (tile and max(height, width) > tile):
+            return "torch"
+        if self._faster is None:
+            try:
+                self._faster = faster_engine(self.stylize_tensor, self.stylize_onnx)
+            except (RuntimeError, ValueError, OSError):
+                # "auto" must never do worse than torch: an export or session that fails (an unwritable
+                # cache, an operator this onnxruntime lacks) leaves the torch engine, which works.
+                self._faster = "torch"
+        return self._faster
+
+    @torch.inference_mode()
+    def stylize_onnx(self, x: torch.Tensor) -> torch.Tensor:
+        """stylize_tensor by onnxruntime: the whole picture at once, in fp32, padded and cropped alike."""
+        if self._onnx is None:
+            self._onnx = OnnxNet(cached_onnx(self.style, self.direction))
+        h, w = x.shape[-2:]
+        return self._onnx(pad_to_multiple(x, self.multiple))[..., :h, :w]
 
     def stylize_picture(self, picture: Picture) -> Picture:
         """A decoded file (see styleshift.images) -> stylized, with its alpha, ICC profile and EXIF kept."""

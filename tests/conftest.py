@@ -11,6 +11,20 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """ONNX exports made by `apply --engine auto|onnx` go to a temporary cache, not the user's (and the
+    processes the distributed tests start inherit it)."""
+    path = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("STYLESHIFT_CACHE")
+    os.environ["STYLESHIFT_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("STYLESHIFT_CACHE")
+    else:
+        os.environ["STYLESHIFT_CACHE"] = previous
+
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 PHOTOS = sorted((SAMPLE / "photos").glob("*.jpg"))
 PAINTINGS = sorted((SAMPLE / "paintings").glob("*.jpg"))

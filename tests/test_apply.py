@@ -1,5 +1,6 @@
 import hashlib
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -135,3 +136,58 @@ def test_inverse_direction_uses_the_other_generator(tiny_style):
     forward = Stylizer(tiny_style, device="cpu").stylize(pixels)
     inverse = Stylizer(tiny_style, direction="inverse", device="cpu").stylize(pixels)
     assert forward.shape == inverse.shape == pixels.shape and not np.array_equal(forward, inverse)
+
+
+def test_overlapped_conversion_reports_in_order_and_converts_the_rest(tmp_path):
+    from styleshift.apply import Job, convert
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = [f"{i:02d}.png" for i in range(9)]
+    for i, name in enumerate(names):
+        photo_file(src / name, size=(24 + i, 16), source=PHOTOS[i % 4])
+    (src / "03.png").write_bytes(b"not a picture")
+    (out / "05.png").parent.mkdir(parents=True)
+    (out / "05.png").write_bytes(b"already there")
+    jobs = [Job(src / n, out / n, "PNG") for n in names] + [Job(src / "00.png", out / "07.png", "PNG")]
+
+    def stylize(picture):
+        if picture.width == 24 + 6:
+            raise RuntimeError("out of memory\nmore detail")
+        return replace(picture, pixels=255 - picture.pixels)
+
+    lines = []
+    summary = convert(jobs, stylize, progress=False, report=lines.append, ahead=2)
+    assert [line.split(":")[1].strip() for line in lines] == [str(src / n) for n in ("03.png", "06.png", "00.png")]
+    assert "out of memory" in lines[1] and "also the output of" in lines[2]
+    assert (summary.converted, summary.skipped, len(summary.failed)) == (6, 1, 3)
+    assert (out / "05.png").read_bytes() == b"already there"
+    for n in ("00.png", "01.png", "08.png"):
+        assert np.array_equal(np.asarray(Image.open(out / n)), 255 - np.asarray(Image.open(src / n)))
+    assert sorted(p.name for p in out.iterdir()) == sorted(set(names) - {"03.png", "06.png"})  # no temporary files
+
+
+def test_alpha_icc_and_sixteen_bits_survive_apply(tiny_style, tmp_path):
+    import cv2
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    with Image.open(PHOTOS[1]) as im:
+        rgb = im.convert("RGB").resize((60, 44))
+    alpha = Image.fromarray(np.tile(np.arange(60, dtype=np.uint8) * 4, (44, 1)))
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    rgba.save(tmp_path / "a.png", icc_profile=srgb)
+    rgb.save(tmp_path / "c.jpg", icc_profile=srgb, quality=95)
+    deep = (np.asarray(rgb, dtype=np.uint16) * 257 + np.arange(60, dtype=np.uint16)[None, :, None])
+    cv2.imwrite(str(tmp_path / "d.png"), np.dstack([deep[..., ::-1], np.full((44, 60), 40000, np.uint16)]))
+    for name in ("a.png", "c.jpg", "d.png"):
+        code, out = run_cli("apply", tmp_path / name, "--style", tiny_style, "--engine", "torch")
+        assert code == 0, out
+    with Image.open(tmp_path / "a.tiny.png") as im:
+        assert np.array_equal(np.asarray(im.getchannel("A")), np.asarray(alpha))
+        assert im.info.get("icc_profile") == srgb
+    with Image.open(tmp_path / "c.tiny.jpg") as im:
+        assert im.info.get("icc_profile") == srgb
+    styled = cv2.imread(str(tmp_path / "d.tiny.png"), cv2.IMREAD_UNCHANGED)
+    assert styled.dtype == np.uint16 and styled.shape == (44, 60, 4) and (styled[..., 3] == 40000).all()
+    assert (styled[..., :3] % 257 != 0).any()  # not 8-bit values scaled up

@@ -117,3 +117,19 @@ def test_scan_finds_images_recursively_and_skips_hidden(tmp_path):
         (tmp_path / rel).write_bytes(b"x")
     found = [p.relative_to(tmp_path).as_posix() for p in scan_images(tmp_path, exclude=tmp_path / "out")]
     assert found == ["a.JPG", "sub/b.png", "sub/deeper/c.tiff"]
+
+
+def test_sixteen_bit_png_is_written_with_all_bits_and_its_metadata(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb16 = (rng.random((9, 13, 3)) * 65535).astype(np.uint16)
+    alpha16 = (rng.random((9, 13)) * 65535).astype(np.uint16)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x010F] = "TestCam"
+    write_image(tmp_path / "d.png", Picture(rgb16, alpha16, "PNG", srgb, exif.tobytes()))
+    pic = read_image(tmp_path / "d.png")
+    assert pic.pixels.dtype == np.uint16 and np.array_equal(pic.pixels, rgb16) and np.array_equal(pic.alpha, alpha16)
+    assert pic.icc_profile == srgb
+    kept = Image.Exif()
+    kept.load(pic.exif)
+    assert kept.get(0x010F) == "TestCam"
