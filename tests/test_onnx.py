@@ -45,6 +45,7 @@ def test_export_round_trip_on_a_sample_photo(tiny_style, tmp_path):
     ("resnet_6blocks", "resize", "blur"),
     ("mobile_resnet", "resize", "blur"),
     ("mobile_resnet", "transpose", "stride"),
+    ("mobile_resnet", "subpixel", "stride"),
 ])
 def test_every_generator_variant_exports_with_dynamic_size(arch, upsample, downsample, tmp_path):
     torch.manual_seed(0)
