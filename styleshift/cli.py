@@ -218,8 +218,11 @@ def command_line(ctx: click.Context, leave_out: set[str] = frozenset()) -> list[
 @click.option("--overwrite", is_flag=True, help="Replace outputs that already exist (inputs never are).")
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
 @click.option("--precision", type=PRECISIONS, default="auto", show_default=True)
+@click.option("--tile-size", type=click.IntRange(min=0),
+              help="Run large pictures in tiles of this many pixels a side, seamlessly (0: never tile) "
+                   "[sized to the memory].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def apply(input, output, style_spec, direction, fmt, quality, overwrite, device, precision, quiet):
+def apply(input, output, style_spec, direction, fmt, quality, overwrite, device, precision, tile_size, quiet):
     """Stylize INPUT: a picture, or a folder of pictures (recursively, sub-folders mirrored).
 
     Outputs keep each input's pixel size, format and orientation; existing outputs are skipped.
@@ -239,7 +242,8 @@ def apply(input, output, style_spec, direction, fmt, quality, overwrite, device,
 
     error = None
     try:
-        stylizer = Stylizer(style_path, direction=direction, device=device, precision=precision)
+        stylizer = Stylizer(style_path, direction=direction, device=device, precision=precision,
+                            tile_size=tile_size)
         jobs = plan(input, output, stylizer.name, fmt)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         error = str(e)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .checkpoint import Style, load_style
 from .images import Picture
 from .precision import Precision, resolve_device
+from .tiling import choose_tile_size, make_plan, tiled_forward, working_memory
 
 
 class Stylizer:
@@ -23,7 +24,7 @@ class Stylizer:
     """
 
     def __init__(self, style: str | os.PathLike | Style, direction: str = "forward", device: str = "auto",
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", tile_size: int | None = None) -> None:
         if not isinstance(style, Style):
             from .styles import find_style
 
@@ -34,6 +35,10 @@ class Stylizer:
         self.precision = Precision.resolve(precision, self.device)
         self.net = style.build(direction).to(self.device)
         self.multiple = getattr(self.net, "size_multiple", 4)
+        # Pictures larger than the memory budget run in tiles of this many pixels a side, with whole-picture
+        # normalisation statistics (styleshift.tiling): None sizes them to the budget, 0 never tiles.
+        self.tile_size = tile_size
+        self._plan = None
 
     @property
     def name(self) -> str:
@@ -65,6 +70,25 @@ class Stylizer:
             # Reflection continues the picture's texture at the border; it needs a side longer than the pad.
             mode = "reflect" if min(h, w) > max(ph, pw) else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        tile, budget = self._tiling(x)
         with self.precision.autocast():
-            y = self.net(x)
+            y = tiled_forward(self.net, x, self._plan, self.tile_size, budget) if tile else self.net(x)
         return y[..., :h, :w].float()
+
+    def _tiling(self, x: torch.Tensor) -> tuple[int, int]:
+        """(tile side, memory budget) for a padded batch; tile side 0 runs it whole."""
+        if self.tile_size == 0:
+            return 0, 0
+        if self._plan is None:
+            try:
+                self._plan = make_plan(self.net, in_channels=x.shape[1])
+            except ValueError:
+                if self.tile_size is not None:
+                    raise
+                self.tile_size = 0  # a network tiling cannot reason about runs whole
+                return 0, 0
+        budget = working_memory(self.device)
+        h, w = x.shape[-2:]
+        if self.tile_size is None:
+            return choose_tile_size(h, w * x.shape[0], self._plan, budget), budget
+        return (self.tile_size if self.tile_size < max(h, w) else 0), budget
