@@ -229,9 +229,12 @@ def command_line(ctx: click.Context, leave_out: set[str] = frozenset()) -> list[
               help="How much of the style: 1 the style alone, 0 the photo unchanged, between a blend.")
 @click.option("--preserve-color", is_flag=True,
               help="Keep the photo's colours and take only the style's brightness and texture.")
+@click.option("--tile-size", type=click.IntRange(min=0),
+              help="Run large pictures in tiles of this many pixels a side, seamlessly (0: never tile) "
+                   "[sized to the memory].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def apply(input, output, style_spec, direction, fmt, quality, overwrite, device, precision, engine, strength,
-          preserve_color, quiet):
+          preserve_color, tile_size, quiet):
     """Stylize INPUT: a picture, or a folder of pictures (recursively, sub-folders mirrored).
 
     Outputs keep each input's pixel size, format and orientation; existing outputs are skipped.
@@ -252,7 +255,7 @@ def apply(input, output, style_spec, direction, fmt, quality, overwrite, device,
     error = None
     try:
         stylizer = Stylizer(style_path, direction=direction, device=device, precision=precision, engine=engine,
-                            strength=strength, preserve_color=preserve_color)
+                            strength=strength, preserve_color=preserve_color, tile_size=tile_size)
         jobs = plan(input, output, stylizer.name, fmt)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         error = str(e)

@@ -14,7 +14,9 @@ from .checkpoint import Style, load_style
 from .colour import blend, preserve_colour
 from .engine import ENGINES, OnnxNet, cached_onnx, faster_engine, onnx_available, pad_to_multiple, require_onnx
 from .images import Picture
+from .kernels import accelerate
 from .precision import Precision, resolve_device
+from .tiling import choose_tile_size, make_plan, tiled_forward, working_memory
 
 
 class Stylizer:
@@ -26,11 +28,12 @@ class Stylizer:
 
     def __init__(self, style: str | os.PathLike | Style, direction: str = "forward", device: str = "auto",
                  precision: str = "auto", engine: str = "torch", strength: float = 1.0,
-                 preserve_color: bool = False) -> None:
+                 preserve_color: bool = False, tile_size: int | None = None) -> None:
         """engine: "torch"; "onnx", onnxruntime on the CPU (see styleshift.engine: fp32, whole pictures,
         needs the [onnx] extra); or "auto", onnx where it is installed, the device is the CPU and a short
         timing of both engines (once per Stylizer, on first use) finds it faster, else torch.
-        strength (0..1) and preserve_color: see styleshift.colour."""
+        strength (0..1) and preserve_color: see styleshift.colour.
+        tile_size: see below."""
         if not isinstance(style, Style):
             from .styles import find_style
 
@@ -51,9 +54,16 @@ class Stylizer:
         self.engine, self.strength, self.preserve_color = engine, strength, preserve_color
         self.precision = Precision.resolve(precision, self.device)
         self.net = style.build(direction).to(self.device)
+        if self.device.type == "cpu" and self.precision.name == "fp32":
+            # Winograd 3x3 convolutions: 0.8x the time of a ResNet-9 forward at 512 px, within 1e-4.
+            accelerate(self.net)
         self.multiple = getattr(self.net, "size_multiple", 4)
         self._onnx: OnnxNet | None = None
         self._faster: str | None = None  # what "auto" measured
+        # Pictures larger than the memory budget run in tiles of this many pixels a side, with whole-picture
+        # normalisation statistics (styleshift.tiling): None sizes them to the budget, 0 never tiles.
+        self.tile_size = tile_size
+        self._plan = None
 
     @property
     def name(self) -> str:
@@ -84,9 +94,10 @@ class Stylizer:
         """The engine that stylizes a height x width picture: "torch" or "onnx"."""
         if self.engine != "auto":
             return self.engine
-        tile = getattr(self, "tile_size", None)
-        # The tiled path (large pictures) runs in torch; onnxruntime would run them whole.
-        if self.device.type != "cpu" or not onnx_available() or (tile and max(height, width) > tile):
+        # Pictures that need tiles run in torch (whole-picture statistics); onnxruntime would run them whole.
+        padded = torch.empty(1, 3, height + (-height) % self.multiple, width + (-width) % self.multiple,
+                             device="meta")
+        if self.device.type != "cpu" or not onnx_available() or self._tiling(padded)[0]:
             return "torch"
         if self._faster is None:
             try:
@@ -119,6 +130,25 @@ class Stylizer:
             # Reflection continues the picture's texture at the border; it needs a side longer than the pad.
             mode = "reflect" if min(h, w) > max(ph, pw) else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        tile, budget = self._tiling(x)
         with self.precision.autocast():
-            y = self.net(x)
+            y = tiled_forward(self.net, x, self._plan, self.tile_size, budget) if tile else self.net(x)
         return y[..., :h, :w].float()
+
+    def _tiling(self, x: torch.Tensor) -> tuple[int, int]:
+        """(tile side, memory budget) for a padded batch; tile side 0 runs it whole."""
+        if self.tile_size == 0:
+            return 0, 0
+        if self._plan is None:
+            try:
+                self._plan = make_plan(self.net, in_channels=x.shape[1])
+            except ValueError:
+                if self.tile_size is not None:
+                    raise
+                self.tile_size = 0  # a network tiling cannot reason about runs whole
+                return 0, 0
+        budget = working_memory(self.device)
+        h, w = x.shape[-2:]
+        if self.tile_size is None:
+            return choose_tile_size(h, w * x.shape[0], self._plan, budget), budget
+        return (self.tile_size if self.tile_size < max(h, w) else 0), budget
