@@ -76,8 +76,8 @@ def build_train_config(base, given: dict, content, style, name):
               help="Run directory [default: runs/NAME]. Holding a latest.pt, it is resumed.")
 @click.option("--fresh", is_flag=True, help="Start over even if the run directory holds a checkpoint.")
 @click.option("--preset", type=click.Choice(["reference", "fast"]), default=None,
-              help="reference: the CycleGAN paper's networks at 256 px [default]; fast: a light generator at "
-                   "128 px, many times faster on a CPU.")
+              help="reference: the CycleGAN paper's networks at 256 px [default]; fast: a light generator "
+                   "(16 filters, separable blocks) at 128 px, identity weight 0.1: about 15x faster on a CPU.")
 @click.option("--epochs", type=int, help="Epochs at a constant learning rate [100].")
 @click.option("--decay-epochs", type=int, help="Epochs of linear decay to zero after them [100].")
 @click.option("--steps", type=int, help="Total length in steps instead of epochs (the last half decays).")
