@@ -148,6 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 repetition, 8 photos of 256 px")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--reps", type=int, help="timed repetitions per size [3; 1 with --quick]")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -157,6 +158,7 @@ def main() -> None:
         sizes, reps, big, folder = [(256, 256), (512, 512), (768, 1024)], 1, (1536, 2048), (8, 256)
     else:
         sizes, reps, big, folder = [(512, 512), (1024, 1024), (1536, 2048)], 3, (4096, 4096), (100, 512)
+    reps = args.reps or reps
     result = {"threads": torch.get_num_threads(), "sizes": []}
     print(f"{'size':>10} {'a s':>7} {'b s':>7} {'b/a':>5} {'a MiB':>7} {'b MiB':>7} {'b/a':>5} {'PSNR dB':>8}")
     for h, w in sizes:

@@ -192,7 +192,9 @@ def peak_memory(name: str, size: int, steps: int = 3) -> float:
     code = (f"import sys, resource; sys.argv=['x']; sys.path.insert(0, {str(ROOT)!r}); "
             f"import scripts.bench_train as b; m,_ = b.make({name!r}, {size}); x = b.batch({size}); "
             f"[m.train_step(*x) for _ in range({steps})]; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))")
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report
+    # its parent's peak whenever that is higher.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return int(out.stdout.split()[-1]) / 2**20
 
