@@ -16,7 +16,8 @@ from .engine import ENGINES, OnnxNet, cached_onnx, faster_engine, onnx_available
 from .images import Picture
 from .kernels import accelerate
 from .precision import Precision, resolve_device
-from .tiling import choose_tile_size, make_plan, tiled_forward, working_memory
+from .tiling import (choose_tile_size, make_plan, return_freed_memory, tiled_forward, whole_picture_limit,
+                     working_memory)
 
 
 class Stylizer:
@@ -131,6 +132,8 @@ class Stylizer:
             mode = "reflect" if min(h, w) > max(ph, pw) else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
         tile, budget = self._tiling(x)
+        if tile and self.device.type == "cpu":
+            return_freed_memory()
         with self.precision.autocast():
             y = tiled_forward(self.net, x, self._plan, self.tile_size, budget) if tile else self.net(x)
         return y[..., :h, :w].float()
@@ -150,5 +153,5 @@ class Stylizer:
         budget = working_memory(self.device)
         h, w = x.shape[-2:]
         if self.tile_size is None:
-            return choose_tile_size(h, w * x.shape[0], self._plan, budget), budget
+            return choose_tile_size(h, w * x.shape[0], self._plan, budget, whole_picture_limit(self.device)), budget
         return (self.tile_size if self.tile_size < max(h, w) else 0), budget

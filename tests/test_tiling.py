@@ -147,6 +147,10 @@ def test_tile_size_follows_the_memory_budget():
     assert sizes[-1] == 0  # it fits whole
     assert sizes[2] > 0  # the default CPU budget tiles a 3 Mpx picture
     assert choose_tile_size(64, 64, plan, 256 << 20) == 0
+    # Beyond the tiles' budget but within the whole-picture limit, a picture still runs whole.
+    big = int(plan.bytes_per_pixel * 512 * 512)
+    assert choose_tile_size(512, 512, plan, big // 4) > 0
+    assert choose_tile_size(512, 512, plan, big // 4, whole_limit=big) == 0
 
 
 def test_strips_lower_than_the_halo():
