@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import Style, load_style
 from .colour import blend, preserve_colour
@@ -126,11 +125,7 @@ class Stylizer:
         """N x 3 x H x W in [-1, 1] -> the same shape. Padded to the network's stride, then cropped back,
         so the output keeps the input's exact size (never squashed)."""
         h, w = x.shape[-2:]
-        ph, pw = (-h) % self.multiple, (-w) % self.multiple
-        if ph or pw:
-            # Reflection continues the picture's texture at the border; it needs a side longer than the pad.
-            mode = "reflect" if min(h, w) > max(ph, pw) else "replicate"
-            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        x = pad_to_multiple(x, self.multiple)
         tile, budget = self._tiling(x)
         if tile and self.device.type == "cpu":
             return_freed_memory()
