@@ -5,7 +5,10 @@ Rules (what `styleshift apply` does):
 - a folder is scanned recursively and mirrored under `-o` (default: `<folder>.<style>` beside it);
 - the output keeps the input's format and extension unless a format is asked for;
 - existing outputs are skipped unless `overwrite`; an output never replaces its input;
-- every write is atomic; one bad file is reported and the rest are converted;
+- every write is atomic, so a run killed at any moment leaves no partial output under a final name, and
+  running it again converts only what is missing (temporary files the killed run left are removed);
+- one bad file is reported and the rest are converted; a destination that cannot take any file (disk
+  full, read-only or forbidden folder) stops the run at once with one line saying so;
 - under torchrun each process converts its share of the files, and the summary covers them all.
 """
 
@@ -20,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .images import EXTENSION_OF_FORMAT, FORMAT_OF_EXTENSION, ImageError, Picture, read_image, scan_images, write_image
+from .fsutil import DestinationError, remove_stale_temporaries
+from .images import (EXTENSION_OF_FORMAT, FORMAT_OF_EXTENSION, OUTPUT_FORMAT_OF, ImageError, Picture, read_image,
+                     scan_images, write_image)
 
 
 @dataclass(frozen=True)
@@ -35,16 +40,21 @@ class Summary:
     converted: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    stopped: str | None = None  # why the run stopped before the end (the destination failed)
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and self.stopped is None
 
     def line(self) -> str:
-        return f"converted {self.converted}, skipped {self.skipped} (already there), failed {len(self.failed)}"
+        line = f"converted {self.converted}, skipped {self.skipped} (already there), failed {len(self.failed)}"
+        if self.stopped:
+            line += f"; stopped: {self.stopped} (run it again to convert the rest)"
+        return line
 
     def merge(self, other: "Summary") -> "Summary":
-        return Summary(self.converted + other.converted, self.skipped + other.skipped, self.failed + other.failed)
+        return Summary(self.converted + other.converted, self.skipped + other.skipped, self.failed + other.failed,
+                       self.stopped or other.stopped)
 
 
 def normalise_format(fmt: str | None) -> str | None:
@@ -59,13 +69,16 @@ def normalise_format(fmt: str | None) -> str | None:
 def _with_format(path: Path, fmt: str | None) -> tuple[Path, str]:
     """`path` with the extension of `fmt` (kept as it is when it already fits), and the format."""
     if fmt is None:
-        return path, FORMAT_OF_EXTENSION[path.suffix.lower()]
+        source = FORMAT_OF_EXTENSION[path.suffix.lower()]
+        fmt = OUTPUT_FORMAT_OF.get(source, source)
+        return (path, fmt) if fmt == source else (path.with_suffix(EXTENSION_OF_FORMAT[fmt]), fmt)
     if FORMAT_OF_EXTENSION.get(path.suffix.lower()) == fmt:
         return path, fmt
     return path.with_suffix(EXTENSION_OF_FORMAT[fmt]), fmt
 
 
-def plan(src: str | os.PathLike, output: str | os.PathLike | None, style_name: str, fmt: str | None = None) -> list[Job]:
+def plan(src: str | os.PathLike, output: str | os.PathLike | None, style_name: str,
+         fmt: str | None = None) -> list[Job]:
     """The jobs for converting `src` (a file or a folder) to `output`."""
     src, fmt = Path(src), normalise_format(fmt)
     if src.is_dir():
@@ -100,7 +113,7 @@ def plan(src: str | os.PathLike, output: str | os.PathLike | None, style_name: s
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop, which reading reports
         return False
 
 
@@ -123,8 +136,10 @@ def _done(value=None, error: BaseException | None = None) -> Future:
 
 
 def convert(jobs: list[Job], stylize: Callable[[Picture], Picture], overwrite: bool = False, quality: int = 95,
-            progress: bool = True, report: Callable[[str], None] | None = None, ahead: int = 2) -> Summary:
-    """Convert every job, reporting each failure as one line; never stops at a bad file.
+            progress: bool = True, report: Callable[[str], None] | None = None, ahead: int = 2,
+            max_pixels: int | None = None) -> Summary:
+    """Convert every job, reporting each failure as one line; never stops at a bad file, only when the
+    destination cannot be written at all (Summary.stopped says why).
 
     Decoding and encoding overlap with stylizing: two threads read up to `ahead` files ahead and write
     finished pictures behind (PIL and OpenCV release the GIL while they decode, encode and compress), so
@@ -141,6 +156,9 @@ def convert(jobs: list[Job], stylize: Callable[[Picture], Picture], overwrite: b
     def record(job: Job, outcome: Future) -> None:
         try:
             result = outcome.result()
+        except DestinationError as e:
+            summary.failed.append((str(job.src), str(e)))
+            summary.stopped = summary.stopped or str(e)
         except (ImageError, OSError) as e:
             reason = e.reason if isinstance(e, ImageError) else (e.strerror or str(e))
             summary.failed.append((str(job.src), reason))
@@ -164,14 +182,19 @@ def convert(jobs: list[Job], stylize: Callable[[Picture], Picture], overwrite: b
         except ImageError as e:
             checked.append(_done(error=e))
     to_read = deque(i for i, c in enumerate(checked) if not c.exception() and c.result() == "convert")
+    for folder in sorted({job.dst.parent for i, job in enumerate(jobs) if i in to_read}):
+        remove_stale_temporaries(folder)  # what a run killed mid-write left behind
+    read = functools.partial(read_image, max_pixels=max_pixels)
 
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="styleshift-io")
     reads: dict[int, Future] = {}
     pending: deque[tuple[Job, Future]] = deque()  # outcomes not yet recorded, in the jobs' order
     try:
         for i, job in enumerate(jobs):
+            if summary.stopped:
+                break
             while to_read and len(reads) < ahead + 1 and to_read[0] <= i + ahead:
-                reads[to_read[0]] = pool.submit(read_image, jobs[to_read[0]].src)
+                reads[to_read[0]] = pool.submit(read, jobs[to_read[0]].src)
                 to_read.popleft()
             outcome = checked[i]
             if i in reads:
@@ -182,6 +205,8 @@ def convert(jobs: list[Job], stylize: Callable[[Picture], Picture], overwrite: b
                 record(*pending.popleft())
         while pending:
             record(*pending.popleft())
+        if summary.stopped:
+            say(f"stopped: {summary.stopped}")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()

@@ -1,7 +1,16 @@
 """Two kinds of checkpoint.
 
-`latest.pt` resumes training: networks, optimizers, schedules, loss scalers, image pools, step and random
-states, all plain types, so it loads with `torch.load(weights_only=True)` (no pickled code to trust).
+A resume checkpoint resumes training: networks, optimizers, schedules, loss scalers, image pools, step
+and random states, all plain types, so it loads with `torch.load(weights_only=True)`: a file carrying
+pickled code is refused, never run. A run directory keeps the last few, each with a SHA-256 checksum in
+the `sha256sum` format (so `sha256sum -c` checks them too):
+
+    runs/NAME/checkpoints/step_00001000.pt   (+ .sha256)   the last `keep_checkpoints` of them
+    runs/NAME/latest.pt                                   the newest: a symbolic link to one of them
+
+Every file is written atomically (temporary file, fsync, rename), so a run killed at any moment leaves
+each of them whole or as it was. Resuming verifies the checksum and loads; a damaged `latest.pt` is
+reported and the newest good checkpoint before it used instead.
 
 `<name>.safetensors` is an exported style: both generators' weights, with the generator's config as JSON
 in the file's metadata, so `Stylizer` rebuilds the network from this file alone.
@@ -9,9 +18,15 @@ in the file's metadata, so `Stylizer` rebuilds the network from this file alone.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
+import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +35,22 @@ import torch
 from torch import nn
 
 from .config import GeneratorConfig, TrainConfig, generator_from_dict
-from .fsutil import atomic_open, atomic_write
+from .fsutil import atomic_open, atomic_write, atomic_write_text, temporary_name
 
 RESUME_FORMAT = "styleshift-resume/1"
 STYLE_FORMAT = "styleshift-style/1"
 DIRECTIONS = ("forward", "inverse")  # forward: content -> style (G_AB); inverse: style -> content (G_BA)
+LATEST = "latest.pt"
+CHECKPOINTS = "checkpoints"
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; str() is one line naming the file and the reason."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A file that would run pickled code if loaded the usual way. Refused, never a fallback."""
 
 
 # -- resume ------------------------------------------------------------------------------------------------
@@ -46,7 +72,23 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_resume(path: str | os.PathLike, cfg: TrainConfig, step: int, model_state: dict, extra: dict | None = None):
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save_resume(run_dir: str | os.PathLike, cfg: TrainConfig, step: int, model_state: dict,
+                extra: dict | None = None, keep: int = 3) -> Path:
+    """Write the checkpoint of `step` under run_dir/checkpoints, point latest.pt at it, and keep the last
+    `keep`. Each step is durable before the next begins, so a kill at any moment leaves a loadable set."""
+    run_dir = Path(run_dir)
     state = {
         "format": RESUME_FORMAT,
         "config": cfg.to_dict(),
@@ -55,15 +97,104 @@ def save_resume(path: str | os.PathLike, cfg: TrainConfig, step: int, model_stat
         "rng": rng_state(),
         **(extra or {}),
     }
+    path = run_dir / CHECKPOINTS / f"step_{step:08d}.pt"
     with atomic_open(path) as f:
         torch.save(state, f)
+    # Hashed as read back from the file, so the checksum covers what is on disk, not what was meant to be.
+    digest = sha256_of(path)
+    atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    _point_latest_at(path, run_dir / LATEST)
+    _prune(run_dir / CHECKPOINTS, keep)
+    return path
+
+
+def _point_latest_at(path: Path, latest: Path) -> None:
+    """Make latest.pt a relative symbolic link to `path`, switched in one rename, so it is never out of step
+    with its checksum (the target's). Where links cannot be made (Windows without the privilege), a copy
+    with its own checksum file."""
+    tmp = temporary_name(latest)
+    try:
+        os.symlink(path.relative_to(latest.parent), tmp)
+    except (OSError, NotImplementedError):
+        with atomic_open(latest) as f, open(path, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+        atomic_write_text(_sidecar(latest), _sidecar(path).read_text().replace(path.name, LATEST))
+        return
+    try:
+        os.replace(tmp, latest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(FileNotFoundError):
+        _sidecar(latest).unlink()  # a copy's checksum, from an earlier run on another system
+
+
+def checkpoint_files(run_dir: str | os.PathLike) -> list[Path]:
+    """The step checkpoints of a run directory, newest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = [(int(m[1]), p) for p in folder.glob("step_*.pt") if (m := _STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _prune(folder: Path, keep: int) -> None:
+    for old in checkpoint_files(folder.parent)[max(1, keep):]:
+        for p in (old, _sidecar(old)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
 
 
 def load_resume(path: str | os.PathLike) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != RESUME_FORMAT:
-        raise ValueError(f"{path}: not a styleshift resume checkpoint")
+    """Load one resume checkpoint, verifying its checksum when it has one; CheckpointError if it cannot be
+    used, UnsafeCheckpoint if it carries pickled code."""
+    path = Path(path)
+    # latest.pt is a link: its checksum is its target's. A checkpoint killed between being renamed into
+    # place and getting its checksum file has none; it is whole (fsync came first) and loads as usual.
+    sidecar = _sidecar(path) if _sidecar(path).exists() else _sidecar(path.resolve())
+    if sidecar.exists():
+        expected = sidecar.read_text().split(maxsplit=1)[0] if sidecar.stat().st_size else ""
+        if sha256_of(path) != expected:
+            raise CheckpointError(f"{path}: damaged (its SHA-256 does not match {sidecar.name})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any global it does not know, which is what a payload needs to run.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpoint(f"{path}: refused: it holds pickled code or objects, which styleshift never "
+                               f"loads ({first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated or not a torch file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: damaged or not a checkpoint ({reason[:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise CheckpointError(f"{path}: not a styleshift resume checkpoint")
     return state
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / LATEST).exists() or bool(checkpoint_files(run_dir))
+
+
+def find_resume(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The newest good checkpoint of a run: latest.pt, else the step checkpoints newest first, with a
+    warning naming what was damaged. None when the run has none; CheckpointError when none is good."""
+    run_dir = Path(run_dir)
+    candidates = ([run_dir / LATEST] if (run_dir / LATEST).exists() else []) + checkpoint_files(run_dir)
+    problems = []
+    for path in candidates:
+        try:
+            state = load_resume(path)
+        except UnsafeCheckpoint:
+            raise
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            warnings.warn(f"{'; '.join(problems)}; resuming from {path} (step {state['step']})", stacklevel=2)
+        return path, state
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {run_dir}: {'; '.join(problems)}; "
+                              "--fresh starts over")
+    return None
 
 
 # -- exported styles ---------------------------------------------------------------------------------------

@@ -27,6 +27,14 @@ def main() -> None:
       styleshift report impressionism
       styleshift export impressionism --onnx impressionism.onnx
     """
+    import warnings
+
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # A skipped file or a damaged checkpoint is news for the user, not a traceback: one line, no source.
+    click.echo(f"warning: {message}", err=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -44,9 +52,10 @@ TRAIN_OPTIONS = [
     ("n_layers", "n_layers", "discriminator"),
     *((name, name, None) for name in (
         "gan_mode", "lambda_cycle", "lambda_identity", "pool_size", "lr", "beta1", "batch_size", "load_size",
-        "crop_size", "flip", "epochs", "decay_epochs", "steps", "decay_steps", "seed", "device", "precision",
+        "crop_size", "flip", "max_pixels", "epochs", "decay_epochs", "steps", "decay_steps", "seed", "device",
+        "precision",
         "channels_last", "compile", "winograd", "num_workers", "log_every", "sample_every", "checkpoint_every",
-        "num_samples",
+        "keep_checkpoints", "num_samples",
         "eval_every")),
 ]
 
@@ -88,6 +97,8 @@ def build_train_config(base, given: dict, content, style, name):
 @click.option("--load-size", type=int, help="Shorter side before the random crop [286].")
 @click.option("--crop-size", type=int, help="Training crop [256].")
 @click.option("--flip/--no-flip", default=None, help="Random horizontal flips [on].")
+@click.option("--max-pixels", type=click.IntRange(0),
+              help="Refuse pictures with more pixels (decompression bombs); 0: no limit [178,956,970].")
 @click.option("--lr", type=float, help="Adam learning rate [2e-4].")
 @click.option("--beta1", type=float, help="Adam beta1 [0.5].")
 @click.option("--gan-mode", type=click.Choice(["lsgan", "vanilla"]), help="Adversarial loss [lsgan].")
@@ -115,6 +126,7 @@ def build_train_config(base, given: dict, content, style, name):
 @click.option("--log-every", type=int, help="Steps between lines of metrics.jsonl [10].")
 @click.option("--sample-every", type=int, help="Steps between sample grids [500].")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints and style exports [1000].")
+@click.option("--keep-checkpoints", type=click.IntRange(1), help="Checkpoints kept besides latest.pt [3].")
 @click.option("--num-samples", type=int, help="Fixed images per domain in the sample grid [3].")
 @click.option("--eval-every", type=int, help="Steps between quality evaluations [never].")
 @click.option("--gpus", type=click.IntRange(min=1),
@@ -143,11 +155,21 @@ def train(content, style, name, run_dir, fresh, preset, quiet, gpus, tensorboard
     if name is None and style is None and run_dir is None:
         fail("give the CONTENT and STYLE folders (or --name/--run-dir of a run to resume)")
     run_dir = run_dir or runs_dir() / (name or style.resolve().name)
-    latest = run_dir / "latest.pt"
-    if latest.exists() and not fresh:
-        from .checkpoint import load_resume
+    found = None
+    if not fresh:
+        import warnings
 
-        base = TrainConfig.from_dict(load_resume(latest)["config"])
+        from .checkpoint import CheckpointError, find_resume
+
+        try:
+            with warnings.catch_warnings():  # the trainer warns of a damaged checkpoint, once
+                warnings.simplefilter("ignore")
+                found = find_resume(run_dir)
+        except CheckpointError as e:
+            fail(str(e))
+    if found is not None:
+        base = TrainConfig.from_dict(found[1]["config"])
+        del found  # the trainer loads it again; a few hundred MB need not wait for it
         name = name or base.name
         if preset is not None:
             fail("--preset cannot change a run being resumed; use --fresh to start over")
@@ -160,12 +182,16 @@ def train(content, style, name, run_dir, fresh, preset, quiet, gpus, tensorboard
         name = name or (style or run_dir).resolve().name
     cfg = build_train_config(base, given, content, style, name)
     from .data import DataError
+    from .fsutil import DestinationError
     from .trainer import ConfigMismatch, Trainer
 
     try:
         result = Trainer(cfg, run_dir, fresh=fresh, progress=not quiet, tensorboard=tensorboard).fit()
     except (DataError, ConfigMismatch, ValueError) as e:
         fail(str(e))
+    except DestinationError as e:
+        fail(f"{e}; training stopped, the checkpoints already written are intact: make room (or make the run "
+             "directory writable) and run the same command to resume", code=1)
     finally:
         dist.close()
     if result.interrupted:
@@ -229,12 +255,14 @@ def command_line(ctx: click.Context, leave_out: set[str] = frozenset()) -> list[
               help="How much of the style: 1 the style alone, 0 the photo unchanged, between a blend.")
 @click.option("--preserve-color", is_flag=True,
               help="Keep the photo's colours and take only the style's brightness and texture.")
+@click.option("--max-pixels", type=click.IntRange(0),
+              help="Refuse pictures with more pixels (decompression bombs); 0: no limit [178,956,970].")
 @click.option("--tile-size", type=click.IntRange(min=0),
               help="Run large pictures in tiles of this many pixels a side, seamlessly (0: never tile) "
                    "[sized to the memory].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def apply(input, output, style_spec, direction, fmt, quality, overwrite, device, precision, engine, strength,
-          preserve_color, tile_size, quiet):
+          preserve_color, max_pixels, tile_size, quiet):
     """Stylize INPUT: a picture, or a folder of pictures (recursively, sub-folders mirrored).
 
     Outputs keep each input's pixel size, format and orientation; existing outputs are skipped.
@@ -263,7 +291,7 @@ def apply(input, output, style_spec, direction, fmt, quality, overwrite, device,
     if error:
         fail(error)
     summary = convert_shared(jobs, stylizer.stylize_picture, ctx, overwrite=overwrite, quality=quality,
-                             progress=not quiet and ctx.is_main)
+                             progress=not quiet and ctx.is_main, max_pixels=max_pixels)
     dist.close()
     if not ctx.is_main:
         sys.exit(0 if summary.ok else 1)

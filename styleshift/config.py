@@ -58,6 +58,7 @@ class TrainConfig:
     load_size: int = 286  # shorter side before the random crop
     crop_size: int = 256
     flip: bool = True
+    max_pixels: int | None = None  # pictures with more are refused (decompression bombs); None: Pillow's limit
     # length: epochs at constant lr, then epochs of linear decay to zero; or a total in steps
     epochs: int = 100
     decay_epochs: int = 100
@@ -77,6 +78,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 3  # step checkpoints kept besides latest.pt (a damaged one falls back to these)
     num_samples: int = 3  # fixed images per domain in the sample grid
     eval_every: int = 0  # 0: never; see styleshift.evaluate
 
@@ -111,7 +113,8 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 # and must match the checkpoint.
 RESUMABLE = {
     "content_dir", "style_dir", "epochs", "decay_epochs", "steps", "decay_steps", "device", "precision",
-    "channels_last", "compile", "winograd", "num_workers", "log_every", "sample_every", "checkpoint_every", "eval_every",
+    "channels_last", "compile", "winograd", "num_workers", "log_every", "sample_every", "checkpoint_every",
+    "keep_checkpoints", "max_pixels", "eval_every",
 }
 
 

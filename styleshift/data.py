@@ -27,23 +27,50 @@ class DataError(ValueError):
     """A training folder that cannot be used (missing, or without a single usable picture)."""
 
 
-def find_training_images(folder: str | os.PathLike, role: str) -> list[Path]:
-    """Usable pictures under `folder`; files that are not pictures are skipped with a warning naming them."""
+# A training picture must have some extent both ways; smaller ones (down to this) are upscaled to the load
+# size, and very elongated ones are centre-cropped to MAX_ASPECT first (a 1 x 5000 strip would otherwise
+# become 143 x 715,000 pixels).
+MIN_SIDE = 8
+MAX_ASPECT = 4.0
+
+
+def find_training_images(folder: str | os.PathLike, role: str, max_pixels: int | None = None) -> list[Path]:
+    """Usable pictures under `folder`; files that are not pictures, or too thin to learn from, are skipped
+    with a warning naming each."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: {role} folder not found")
     files, bad = [], []
     for path in scan_images(folder):
         try:
-            probe_image(path)
+            w, h = probe_image(path, max_pixels)
+            if min(w, h) < MIN_SIDE:
+                raise ImageError(path, f"{w}x{h} is too thin to learn from (a side under {MIN_SIDE} pixels)")
             files.append(path)
         except ImageError as e:
             bad.append(e)
             warnings.warn(f"skipping {e}", stacklevel=2)
     if not files:
-        detail = f" ({len(bad)} unreadable, first: {bad[0]})" if bad else ""
+        detail = f" ({len(bad)} unusable, first: {bad[0]})" if bad else ""
         raise DataError(f"{folder}: no usable image in the {role} folder{detail}")
     return files
+
+
+def limit_aspect(image: np.ndarray, max_aspect: float = MAX_ASPECT) -> np.ndarray:
+    """The central part of `image` whose long side is at most `max_aspect` times its short side."""
+    h, w = image.shape[:2]
+    if w > max_aspect * h:
+        keep = int(max_aspect * h)
+        return image[:, (w - keep) // 2 : (w - keep) // 2 + keep]
+    if h > max_aspect * w:
+        keep = int(max_aspect * w)
+        return image[(h - keep) // 2 : (h - keep) // 2 + keep]
+    return image
+
+
+def read_training_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """RGB uint8, aspect limited (see MAX_ASPECT); ImageError when it cannot be decoded."""
+    return limit_aspect(read_rgb8(path, max_pixels))
 
 
 def shorter_side_to(size: int) -> A.BasicTransform:
@@ -57,12 +84,14 @@ class DomainImages:
     A file that fails to decode is reported once and replaced by the next good one, never a crash.
     """
 
-    def __init__(self, files: list[Path], load_size: int, cache_bytes: int = 1 << 30) -> None:
+    def __init__(self, files: list[Path], load_size: int, cache_bytes: int = 1 << 30,
+                 max_pixels: int | None = None) -> None:
         self.files = files
         self.resize = shorter_side_to(load_size)
         self.cache: dict[int, np.ndarray] = {}
         self.cache_left = cache_bytes
         self.bad: set[int] = set()
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -75,7 +104,7 @@ class DomainImages:
             if j in self.bad:
                 continue
             try:
-                image = self.resize(image=read_rgb8(self.files[j]))["image"]
+                image = self.resize(image=read_training_image(self.files[j], self.max_pixels))["image"]
             except ImageError as e:
                 self.bad.add(j)
                 warnings.warn(f"skipping {e}", stacklevel=2)
@@ -90,9 +119,10 @@ class DomainImages:
 class UnpairedDataset(Dataset):
     """Items are keyed by (index in A, index in B, augmentation seed); values are uint8 CHW tensors."""
 
-    def __init__(self, files_A: list[Path], files_B: list[Path], load_size: int, crop_size: int, flip: bool = True):
-        self.A = DomainImages(files_A, load_size)
-        self.B = DomainImages(files_B, load_size)
+    def __init__(self, files_A: list[Path], files_B: list[Path], load_size: int, crop_size: int, flip: bool = True,
+                 max_pixels: int | None = None):
+        self.A = DomainImages(files_A, load_size, max_pixels=max_pixels)
+        self.B = DomainImages(files_B, load_size, max_pixels=max_pixels)
         steps = [A.RandomCrop(crop_size, crop_size)]
         if flip:
             steps.append(A.HorizontalFlip(p=0.5))
@@ -202,7 +232,8 @@ def centre_crop(load_size: int, crop_size: int) -> A.Compose:
     return A.Compose([shorter_side_to(load_size), A.CenterCrop(crop_size, crop_size)])
 
 
-def fixed_images(files: list[Path], count: int, load_size: int, crop_size: int) -> torch.Tensor:
+def fixed_images(files: list[Path], count: int, load_size: int, crop_size: int,
+                 max_pixels: int | None = None) -> torch.Tensor:
     """The first `count` decodable images, centre-cropped as training sees them: a fixed set to watch."""
     prepare = centre_crop(load_size, crop_size)
     images = []
@@ -210,7 +241,7 @@ def fixed_images(files: list[Path], count: int, load_size: int, crop_size: int) 
         if len(images) == count:
             break
         try:
-            image = prepare(image=read_rgb8(path))["image"]
+            image = prepare(image=read_training_image(path, max_pixels))["image"]
         except ImageError:
             continue
         images.append(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))))

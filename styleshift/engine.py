@@ -72,14 +72,21 @@ def cached_onnx(style: Style, direction: str) -> Path:
     return path
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad N x C x H x W on the bottom and right so H and W are multiples of `multiple`."""
+def pad_to_multiple(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
+    """Pad N x C x H x W on the bottom and right so H and W are multiples of `multiple` and at least `minimum`."""
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
+    ph = max(minimum - h, 0) + (-max(h, minimum)) % multiple
+    pw = max(minimum - w, 0) + (-max(w, minimum)) % multiple
     if not (ph or pw):
         return x
     # Reflection continues the picture's texture at the border; it needs a side longer than the pad.
     return F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+
+
+def min_side(multiple: int) -> int:
+    """The smallest side a generator of this stride takes: its reflection padding (up to 3 pixels, at the
+    coarsest scale 1) needs a side longer than the pad there, so a 1 x 5000 strip is padded up to it."""
+    return 4 * multiple
 
 
 class OnnxNet:

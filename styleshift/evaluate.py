@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import centre_crop, find_training_images, fixed_images, to_model_range
+from .data import centre_crop, find_training_images, fixed_images, read_training_image, to_model_range
 from .fsutil import atomic_write_text
-from .images import ImageError, read_rgb8
+from .images import ImageError
 from .metrics import SlicedWasserstein, cycle_scores
 
 HELD_ASIDE_MAX = 8  # photos kept out of training for `--eval-every`
@@ -45,7 +45,7 @@ def load_images(folder: str | os.PathLike, size: int, limit: int | None = None, 
     images = []
     for path in tqdm(files, desc=f"reading {Path(folder).name}", unit="img", disable=not progress, leave=False):
         try:
-            image = prepare(image=read_rgb8(path))["image"]
+            image = prepare(image=read_training_image(path))["image"]
         except ImageError as e:
             warnings.warn(f"skipping {e}", stacklevel=2)
             continue

@@ -1,33 +1,73 @@
-"""Atomic file writes: a reader, or a crash, never sees half a file."""
+"""Atomic file writes: a reader, or a crash, never sees half a file.
+
+A file is written to a hidden temporary name beside its destination, flushed to disk (fsync) and renamed
+over it. A process killed mid-write leaves at most that temporary file, never a partial file under the
+final name; `remove_stale_temporaries` clears such leftovers when a later run starts in the folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
+import socket
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+# .<name>.<host>.<pid>.<random>.tmp: the host and process tell whether the writer may still be alive.
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+# Errors of the destination, not of one file: every later write there would fail the same way.
+DESTINATION_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class DestinationError(OSError):
+    """A write failed because of where it goes (disk full, read-only, no permission), not what it is."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def temporary_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a temporary file beside `path` for writing; on success it is renamed over `path` (an atomic
-    step on POSIX and Windows), on failure it is removed and `path` is left as it was."""
+    step on POSIX and Windows), on failure it is removed and `path` is left as it was.
+
+    Failures of the destination (disk full, read-only folder, no permission) are raised as
+    DestinationError, so a caller can stop at once instead of failing each later file the same way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its files are private (0600); this one gets the usual permissions (umask).
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    tmp = temporary_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not tempfile.mkstemp: its files are private (0600); this one gets the usual permissions (umask).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:
+        raise _classified(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DESTINATION_ERRNOS and not isinstance(e, DestinationError):
+            raise _classified(e, path) from None
         raise
+
+
+def _classified(e: OSError, path: Path) -> OSError:
+    if e.errno in DESTINATION_ERRNOS:
+        return DestinationError(e.errno, f"cannot write {path}: {os.strerror(e.errno)}")
+    return e
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
@@ -37,3 +77,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files that writers killed mid-write left in `folder`: ours (by name), made on
+    this machine, by a process that no longer runs. A writer on another machine sharing the folder, or
+    one still running here, is left alone. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    candidates = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    for path in candidates:
+        m = _TEMPORARY.match(path.name)
+        if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed

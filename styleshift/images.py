@@ -2,33 +2,44 @@
 
 Every decoded picture is upright (EXIF orientation applied) RGB, 8 or 16 bits per channel, with its alpha
 channel, ICC profile and EXIF kept aside so they survive a round trip. Anything that cannot be decoded
-raises ImageError, whose message is one line naming the file and the reason.
+raises ImageError, whose message is one line naming the file and the reason: empty, truncated or
+damaged files, files that are not pictures, decompression bombs (more pixels than `max_pixels`),
+unreadable files. Animated GIF and WebP and multi-page TIFF give their first frame.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile
 
 from .fsutil import atomic_open, atomic_write
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 FORMAT_OF_EXTENSION = {
     ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+    ".gif": "GIF",
 }
-EXTENSION_OF_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+EXTENSION_OF_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
+# Formats read but not written: a stylized painting in GIF's 256 colours would lose what it is for, so a
+# GIF's output is a PNG (which keeps its transparency).
+OUTPUT_FORMAT_OF = {"GIF": "PNG"}
 ALPHA_FORMATS = {"PNG", "WEBP", "TIFF"}
 SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}
-MAX_PIXELS = 1_000_000_000  # a gigapixel: beyond this a file is more likely a decompression bomb than a photo
+# Pillow's own guard: twice Image.MAX_IMAGE_PIXELS, where it stops warning and refuses (a 13,000 x 13,000
+# picture; the largest cameras make 100-200 megapixels). A few hundred bytes of PNG can declare more, and
+# would take gigabytes to decode: a decompression bomb. `--max-pixels` changes it.
+MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 EXIF_ORIENTATION = 0x0112
 
@@ -73,62 +84,117 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def scan_images(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
+def scan_images(root: str | os.PathLike, exclude: str | os.PathLike | None = None,
+                on_skip: Callable[[str], object] | None = None) -> list[Path]:
     """Image files under `root`, recursively, sorted; hidden files and folders (".thumbnails",
-    macOS "._x.jpg" companions) are left out, as is the folder `exclude` (an output inside the input)."""
+    macOS "._x.jpg" companions) are left out, as is the folder `exclude` (an output inside the input).
+
+    Symbolic links to folders are followed, each real folder once: a link back to a folder already
+    scanned (a loop) is skipped and reported through `on_skip` (default: a warning)."""
     root = Path(root)
     excluded = Path(exclude).resolve() if exclude is not None else None
+    report = on_skip or (lambda message: warnings.warn(message, stacklevel=3))
+    seen: set[tuple[int, int]] = set()
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and (excluded is None or (here / d).resolve() != excluded)
-        )
+        if not _first_visit(here, seen):
+            dirnames[:] = []
+            report(f"{here}: a link to a folder already scanned (a loop, or the same folder twice); skipped")
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _same_folder(here / d, excluded))
         found += [here / f for f in filenames if is_image_name(Path(f))]
     return sorted(found)
 
 
+def _same_folder(folder: Path, other: Path | None) -> bool:
+    try:
+        return other is not None and folder.resolve() == other
+    except (OSError, RuntimeError):  # a link loop: not the excluded folder; the walk reports it
+        return False
+
+
+def _first_visit(folder: Path, seen: set[tuple[int, int]]) -> bool:
+    try:
+        st = folder.stat()
+    except OSError:  # os.walk listed it a moment ago; whatever changed, it is no loop
+        return True
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
 # -- reading ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _open(path: Path) -> Iterator[ImageFile.ImageFile]:
-    """Open `path` with PIL, turning every way a file can fail into one ImageError line."""
+def _open(path: Path, max_pixels: int | None = None) -> Iterator[ImageFile.ImageFile]:
+    """Open `path` with PIL, turning every way a file can fail into one ImageError line. Only the header
+    is read here, so a decompression bomb is refused before it takes any memory."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    _let_pillow_open(limit)
     try:
-        if path.stat().st_size == 0:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            # Opening a named pipe would wait for a writer forever; a device could be endless.
+            raise ImageError(path, "not a regular file (a pipe, socket or device)")
+        if st.st_size == 0:
             raise ImageError(path, "empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise ImageError(path, f"{im.width}x{im.height} is more than {MAX_PIXELS:,} pixels")
+                if limit and im.width * im.height > limit:
+                    raise ImageError(path, f"{im.width}x{im.height} is more than {limit:,} pixels, a decompression "
+                                           "bomb?; --max-pixels raises it")
+                if im.width == 0 or im.height == 0:
+                    raise ImageError(path, f"{im.width}x{im.height}: no pixels")
+                im.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
                 yield im
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
         raise ImageError(path, "not a picture this tool can read (unknown or unsupported format)") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(path, f"too many pixels ({e})") from None
+        detail = str(e).split(", could be")[0]  # Pillow's "Image size (...) exceeds limit of ... pixels"
+        raise ImageError(path, f"too many pixels, a decompression bomb? ({detail}); --max-pixels raises it") from None
     except FileNotFoundError:
-        raise ImageError(path, "no such file") from None
+        reason = "a broken symbolic link" if path.is_symlink() else "no such file"
+        raise ImageError(path, reason) from None
     except IsADirectoryError:
         raise ImageError(path, "is a folder, not a file") from None
     except PermissionError:
-        raise ImageError(path, "permission denied") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as e:
+        raise ImageError(path, "permission denied (unreadable)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(path, "a symbolic link loop") from None
+        if e.errno is not None:  # the system's error (EIO, ...); PIL reports damaged data without one
+            raise ImageError(path, f"cannot read: {e.strerror or e}") from None
+        raise ImageError(path, f"corrupt or truncated: {str(e).strip() or type(e).__name__}") from None
+    except (SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as e:
         # PIL reports truncated or damaged data with any of these.
         reason = str(e).strip() or type(e).__name__
         raise ImageError(path, f"corrupt or truncated: {reason}") from None
 
 
-def probe_image(path: str | os.PathLike) -> tuple[int, int]:
+def _let_pillow_open(limit: int) -> None:
+    """Pillow refuses pictures over 2 x Image.MAX_IMAGE_PIXELS before we see them; a larger limit asked
+    for (--max-pixels) raises Pillow's, for this process. 0 means no limit."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    if pillow is not None and (limit == 0 or limit > 2 * pillow):
+        Image.MAX_IMAGE_PIXELS = None if limit == 0 else limit // 2 + 1
+
+
+def probe_image(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) from the file's header alone, or ImageError: a quick check that a file is a picture."""
-    with _open(Path(path)) as im:
+    with _open(Path(path), max_pixels) as im:
         return im.size
 
 
-def read_image(path: str | os.PathLike) -> Picture:
-    """Decode any supported file into an upright RGB Picture, or raise ImageError."""
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Picture:
+    """Decode any supported file into an upright RGB Picture, or raise ImageError. `max_pixels`: the most
+    pixels a picture may have [MAX_PIXELS]; 0 for no limit."""
     path = Path(path)
-    with _open(path) as im:
+    with _open(path, max_pixels) as im:
         return _decode(path, im)
 
 
@@ -210,8 +276,8 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     return op(a) if op else a
 
 
-def read_rgb8(path: str | os.PathLike) -> np.ndarray:
-    return read_image(path).rgb8()
+def read_rgb8(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    return read_image(path, max_pixels).rgb8()
 
 
 # -- writing ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 
 from .checkpoint import Style, load_style
 from .colour import blend, preserve_colour
-from .engine import ENGINES, OnnxNet, cached_onnx, faster_engine, onnx_available, pad_to_multiple, require_onnx
+from .engine import (ENGINES, OnnxNet, cached_onnx, faster_engine, min_side, onnx_available, pad_to_multiple,
+                     require_onnx)
 from .images import Picture
 from .kernels import accelerate
 from .precision import Precision, resolve_device
@@ -114,7 +115,7 @@ class Stylizer:
         if self._onnx is None:
             self._onnx = OnnxNet(cached_onnx(self.style, self.direction))
         h, w = x.shape[-2:]
-        return self._onnx(pad_to_multiple(x, self.multiple))[..., :h, :w]
+        return self._onnx(pad_to_multiple(x, self.multiple, min_side(self.multiple)))[..., :h, :w]
 
     def stylize_picture(self, picture: Picture) -> Picture:
         """A decoded file (see styleshift.images) -> stylized, with its alpha, ICC profile and EXIF kept."""
@@ -125,7 +126,7 @@ class Stylizer:
         """N x 3 x H x W in [-1, 1] -> the same shape. Padded to the network's stride, then cropped back,
         so the output keeps the input's exact size (never squashed)."""
         h, w = x.shape[-2:]
-        x = pad_to_multiple(x, self.multiple)
+        x = pad_to_multiple(x, self.multiple, min_side(self.multiple))
         tile, budget = self._tiling(x)
         if tile and self.device.type == "cpu":
             return_freed_memory()

@@ -5,11 +5,15 @@ runs/NAME/
     metrics.jsonl        one line per `log_every` steps: step, epoch, each loss, lr, seconds per step;
                          with `eval_every`, lines of eval_* measures (see styleshift.evaluate)
     samples/step_*.png   fixed images: real | translated | reconstructed, both directions
-    latest.pt            everything needed to resume (see styleshift.checkpoint)
+    latest.pt            everything needed to resume, with its SHA-256 in latest.pt.sha256
+    checkpoints/         the last few checkpoints (step_*.pt + .sha256): a damaged latest.pt falls back
+                         to the newest good one (see styleshift.checkpoint)
     NAME.safetensors     the exported style (both generators + config)
     report.html          curves, sample grids and configuration, refreshed at each checkpoint
 
-Running again on a directory that holds latest.pt resumes it; Ctrl-C saves and exits cleanly.
+Running again on a directory that holds latest.pt resumes it; Ctrl-C saves and exits cleanly. Every file
+is written atomically, so a run killed at any moment (power cut, SIGKILL, out of memory) resumes from its
+last checkpoint, at most `checkpoint_every` steps back.
 
 Under torchrun (DistributedDataParallel) every process trains on its own share of each epoch and keeps its
 own image pools; gradients are averaged, so the networks stay identical. A step is a global step: each
@@ -30,18 +34,27 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from .checkpoint import export_style, load_resume, rng_state, save_resume, set_rng_state
+from .checkpoint import export_style, find_resume, rng_state, save_resume, set_rng_state
 from .config import RESUMABLE, TrainConfig
 from .cyclegan import CycleGAN, unwrap
 from .data import PairSampler, UnpairedDataset, default_num_workers, find_training_images, fixed_images, make_loader
 from .data import to_model_range
 from .evaluate import HELD_ASIDE_MAX, TrainingEval, held_aside, relative_name, spread
-from .fsutil import atomic_write, atomic_write_text
+from .fsutil import atomic_write, atomic_write_text, remove_stale_temporaries
 from .precision import Precision, resolve_device
 
 
 class ConfigMismatch(ValueError):
     pass
+
+
+def json_line(line: str) -> dict | None:
+    """A metrics.jsonl line as a dict; None for a blank line or one a killed run left cut short."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
 
 
 @dataclass
@@ -108,22 +121,22 @@ class Trainer:
         self.device = resolve_device(cfg.device) if self.ctx.world_size == 1 else self.ctx.device(cfg.device)
         self.precision = Precision.resolve(cfg.precision, self.device)
         self.resume_state = None
-        latest = self.run_dir / "latest.pt"
-        if latest.exists() and not fresh:
-            self.resume_state = load_resume(latest)
+        found = find_resume(self.run_dir) if not fresh else None
+        if found is not None:
+            self.resume_from, self.resume_state = found
             check_resumable(TrainConfig.from_dict(self.resume_state["config"]), cfg)
         self.cfg = cfg
         self._check_ranks_agree()
         torch.manual_seed(cfg.seed + self.ctx.rank)  # ranks differ where randomness is not data-driven
 
-        files_A = find_training_images(cfg.content_dir, "content")
+        files_A = find_training_images(cfg.content_dir, "content", cfg.max_pixels)
         self.held_A = held_aside(files_A, cfg.content_dir, cfg.eval_every, self.resume_state)
         self.files_A = [f for f in files_A if f not in self.held_A]
-        self.files_B = find_training_images(cfg.style_dir, "style")
+        self.files_B = find_training_images(cfg.style_dir, "style", cfg.max_pixels)
         if cfg.crop_size > cfg.load_size:
             raise ValueError(f"crop size {cfg.crop_size} is larger than the load size {cfg.load_size}")
         self.sampler = PairSampler(len(self.files_A), len(self.files_B), cfg.seed, self.ctx.rank, self.ctx.world_size)
-        dataset = UnpairedDataset(self.files_A, self.files_B, cfg.load_size, cfg.crop_size, cfg.flip)
+        dataset = UnpairedDataset(self.files_A, self.files_B, cfg.load_size, cfg.crop_size, cfg.flip, cfg.max_pixels)
         workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(
             self.device, self.ctx.local_world_size)
         self.loader = make_loader(dataset, self.sampler, cfg.batch_size, workers, self.device)
@@ -186,8 +199,8 @@ class Trainer:
         evaluator = None
         if main:  # rank 0 alone writes the run directory, draws the sample grids and evaluates
             self._prepare_run_dir()
-            fixed_A = fixed_images(self.files_A, cfg.num_samples, cfg.load_size, cfg.crop_size)
-            fixed_B = fixed_images(self.files_B, cfg.num_samples, cfg.load_size, cfg.crop_size)
+            fixed_A = fixed_images(self.files_A, cfg.num_samples, cfg.load_size, cfg.crop_size, cfg.max_pixels)
+            fixed_B = fixed_images(self.files_B, cfg.num_samples, cfg.load_size, cfg.crop_size, cfg.max_pixels)
             evaluator = self._evaluator() if cfg.eval_every else None
         bar = self._progress_bar()
         sums: dict[str, torch.Tensor] = {}
@@ -244,6 +257,8 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        for folder in (self.run_dir, self.run_dir / "samples", self.run_dir / "checkpoints"):
+            remove_stale_temporaries(folder)  # left by a run killed mid-write
         if self.tensorboard:
             from .tblog import open_tensorboard
 
@@ -254,7 +269,8 @@ class Trainer:
             metrics.unlink(missing_ok=True)
         elif metrics.exists():
             # Lines logged after the checkpoint we resume from would be logged again: drop them.
-            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            # A run killed mid-line leaves a line cut short: dropped too.
+            keep = [ln for ln in metrics.read_text().splitlines() if (r := json_line(ln)) and r["step"] <= self.step]
             atomic_write_text(metrics, "".join(ln + "\n" for ln in keep))
 
     def _progress_bar(self):
@@ -320,7 +336,7 @@ class Trainer:
                  "held_aside": [relative_name(f, cfg.content_dir) for f in self.held_A]}
         if self.ctx.distributed:
             extra["other_ranks"] = {rank: state for rank, state in enumerate(others) if rank}
-        save_resume(self.run_dir / "latest.pt", cfg, self.step, self.model.state_dict(), extra)
+        save_resume(self.run_dir, cfg, self.step, self.model.state_dict(), extra, keep=cfg.keep_checkpoints)
         meta = {"step": self.step, "content_dir": str(cfg.content_dir), "style_dir": str(cfg.style_dir),
                 "crop_size": cfg.crop_size}
         nets = {"forward": unwrap(self.model.G_AB), "inverse": unwrap(self.model.G_BA)}
