@@ -26,6 +26,7 @@ def main() -> None:
       styleshift eval photos/ paintings/ --style impressionism
       styleshift report impressionism
       styleshift export impressionism --onnx impressionism.onnx
+      styleshift styles
     """
     import warnings
 
@@ -180,6 +181,12 @@ def train(content, style, name, run_dir, fresh, preset, quiet, gpus, tensorboard
             fail(f"give the CONTENT and STYLE folders: {run_dir} has no checkpoint to resume")
         base = TrainConfig(**preset_values(preset or "reference"))
         name = name or (style or run_dir).resolve().name
+    from .styles import StyleError, check_name
+
+    try:
+        check_name(name)  # the style is registered under it at each checkpoint
+    except StyleError as e:
+        fail(f"{e}; give one with --name")
     cfg = build_train_config(base, given, content, style, name)
     from .data import DataError
     from .fsutil import DestinationError
@@ -197,7 +204,7 @@ def train(content, style, name, run_dir, fresh, preset, quiet, gpus, tensorboard
     if result.interrupted:
         sys.exit(130)
     if main_process:
-        click.echo(f"Style saved to {result.style_path}")
+        click.echo(f"Style saved to {result.style_path}; use it with --style {name}")
 
 
 def launch_on_gpus(n: int) -> None:
@@ -239,7 +246,8 @@ def command_line(ctx: click.Context, leave_out: set[str] = frozenset()) -> list[
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output file or folder [file: <stem>.<style>.<ext> beside it; folder: <folder>.<style>].")
 @click.option("-s", "--style", "style_spec",
-              help="A run name, run directory or .safetensors file [the most recently trained style].")
+              help="A style name ('styleshift styles' lists them), run name, run directory or .safetensors file "
+                   "[the shipped default style, impressionism].")
 @click.option("--direction", type=click.Choice(["forward", "inverse"]), default="forward", show_default=True,
               help="forward: photo -> style; inverse: style -> photo.")
 @click.option("--format", "fmt", type=click.Choice(["jpg", "png", "webp", "tiff", "bmp"]),
@@ -269,7 +277,7 @@ def apply(input, output, style_spec, direction, fmt, quality, overwrite, device,
     """
     from . import distributed as dist
     from .apply import convert_shared, plan
-    from .styles import StyleNotFound, find_style
+    from .styles import DEFAULT_STYLE, StyleNotFound, find_style
 
     try:
         style_path = find_style(style_spec)
@@ -277,7 +285,7 @@ def apply(input, output, style_spec, direction, fmt, quality, overwrite, device,
         fail(str(e))
     ctx = dist.context()  # under torchrun, each process converts its share of the files
     if style_spec is None and ctx.is_main:
-        click.echo(f"Using style {style_path}", err=True)
+        click.echo(f"Using the default style, {DEFAULT_STYLE} (--style chooses another)", err=True)
     from .stylizer import Stylizer
 
     error = None
@@ -317,9 +325,10 @@ def apply(input, output, style_spec, direction, fmt, quality, overwrite, device,
 def export(style_spec, onnx_path, direction, check_image):
     """Export STYLE's generator to ONNX, then check onnxruntime against PyTorch on a photo.
 
-    STYLE is a run name, run directory or .safetensors file [the most recently trained style]. The model
-    takes N x 3 x H x W float32 RGB in [-1, 1], H and W multiples of 4 (pad, then crop the output back); the
-    style's configuration is in its metadata. Fails if the outputs differ by more than 1e-3.
+    STYLE is a style name ('styleshift styles' lists them), run name, run directory or .safetensors file
+    [the shipped default style, impressionism]. The model takes N x 3 x H x W float32 RGB in [-1, 1], H and W
+    multiples of 4 (pad, then crop the output back); the style's configuration is in its metadata. Fails if
+    the outputs differ by more than 1e-3.
     """
     from .engine import EngineUnavailable, require_onnx
     from .styles import StyleNotFound, find_style
@@ -351,7 +360,8 @@ def export(style_spec, onnx_path, direction, check_image):
 @click.argument("photos", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("paintings", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-s", "--style", "style_spec",
-              help="A run name, run directory or .safetensors file [the most recently trained style].")
+              help="A style name ('styleshift styles' lists them), run name, run directory or .safetensors file "
+                   "[the shipped default style, impressionism].")
 @click.option("--both", is_flag=True, help="Also measure the inverse direction (paintings -> photos).")
 @click.option("--size", type=click.IntRange(16), default=256, show_default=True,
               help="Images are compared as centre crops of this side (shorter side scaled to it first).")
@@ -421,6 +431,77 @@ def report(run, embed, svg):
     except StyleNotFound as e:
         fail(str(e))
     click.echo(f"wrote {write_report(run_dir, embed=embed, renderer='svg' if svg else 'auto')}")
+
+
+# -- styles --------------------------------------------------------------------------------------------------
+@main.group(invoke_without_command=True)
+@click.pass_context
+def styles(ctx):
+    """The style library: styles kept by name, for --style NAME from any folder.
+
+    \b
+    The library is STYLESHIFT_HOME/styles [STYLESHIFT_HOME: ~/.local/share/styleshift on Linux,
+    ~/Library/Application Support/styleshift on macOS, %LOCALAPPDATA%\\styleshift on Windows].
+    `train --name NAME` adds its style at every checkpoint. With no command, lists the styles.
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(styles_list)
+
+
+@styles.command("list")
+def styles_list():
+    """List the styles, the default marked *.
+
+    Each with the folders it was trained on (photos -> paintings), steps, training image size, file size, date."""
+    from .styles import format_table, list_styles
+
+    click.echo(format_table(list_styles()))
+
+
+@styles.command("add")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", help="Name in the library [the name stored in the style].")
+@click.option("--force", is_flag=True, help="Replace a style of the same name.")
+def styles_add(file, name, force):
+    """Copy FILE, an exported style (.safetensors), into the library."""
+    from .styles import StyleError, check_style_file, register
+
+    try:
+        stored_name = check_style_file(file).name
+        name = name or stored_name
+        path = register(file, name, replace=force, link=False)  # a copy: FILE may later change in place
+    except StyleError as e:
+        fail(str(e))
+    click.echo(f"added {name} ({path})")
+
+
+@styles.command("remove")
+@click.argument("name")
+def styles_remove(name):
+    """Remove style NAME from the library.
+
+    The run it was trained in, if any, keeps its own copy; the shipped default style stays."""
+    from .styles import StyleError, remove
+
+    try:
+        path = remove(name)
+    except StyleError as e:
+        fail(str(e))
+    click.echo(f"removed {name} ({path})")
+
+
+@styles.command("show")
+@click.argument("style_spec", metavar="STYLE")
+def styles_show(style_spec):
+    """Show everything stored about STYLE.
+
+    STYLE is a name, run or .safetensors file, as for --style."""
+    from .styles import StyleError, describe
+
+    try:
+        click.echo(describe(style_spec))
+    except StyleError as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":

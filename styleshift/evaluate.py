@@ -95,7 +95,8 @@ def measure_direction(forward: Translate, backward: Translate, source: torch.Ten
 def evaluate(style, photos: str | os.PathLike, paintings: str | os.PathLike, size: int = 256, both: bool = False,
              limit: int | None = None, seed: int = 0, normalize: str = "target", device: str = "auto",
              precision: str = "auto", batch_size: int = 8, progress: bool = False) -> dict:
-    """Measure `style` (a run name, run directory, .safetensors file or loaded Style) on two folders.
+    """Measure `style` (as `--style`: a style name, file, run directory or run name; None, the shipped default
+    style; or a loaded Style) on two folders.
 
     Returns a JSON-ready dict: the settings, and per direction ("forward": photos -> paintings, and with
     `both` "inverse": paintings -> photos) the image counts, SWD baseline and translated (x 10^3 per level

@@ -23,18 +23,19 @@ from .tiling import (choose_tile_size, make_plan, return_freed_memory, tiled_for
 class Stylizer:
     """Load a style once, then stylize many images.
 
-    >>> s = Stylizer("runs/impressionism")          # a run directory, a .safetensors file or a run name
+    >>> s = Stylizer("impressionism")               # a style name, a .safetensors file, a run directory or name
     >>> out = s.stylize(pixels)                     # H x W x 3 uint8 (or uint16) -> same shape and dtype
     """
 
-    def __init__(self, style: str | os.PathLike | Style, direction: str = "forward", device: str = "auto",
+    def __init__(self, style: str | os.PathLike | Style | None = None, direction: str = "forward", device: str = "auto",
                  precision: str = "auto", engine: str = "torch", strength: float = 1.0,
                  preserve_color: bool = False, tile_size: int | None = None) -> None:
         """engine: "torch"; "onnx", onnxruntime on the CPU (see styleshift.engine: fp32, whole pictures,
         needs the [onnx] extra); or "auto", onnx where it is installed, the device is the CPU and a short
         timing of both engines (once per Stylizer, on first use) finds it faster, else torch.
         strength (0..1) and preserve_color: see styleshift.colour.
-        tile_size: see below."""
+        tile_size: see below.
+        style: as `--style` (see styleshift.styles); None is the default style shipped with styleshift."""
         if not isinstance(style, Style):
             from .styles import find_style
 

@@ -29,6 +29,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from .data import to_model_range
 from .evaluate import HELD_ASIDE_MAX, TrainingEval, held_aside, relative_name, spread
 from .fsutil import atomic_write, atomic_write_text, remove_stale_temporaries
 from .precision import Precision, resolve_device
+from .styles import register_trained
 
 
 class ConfigMismatch(ValueError):
@@ -338,9 +340,10 @@ class Trainer:
             extra["other_ranks"] = {rank: state for rank, state in enumerate(others) if rank}
         save_resume(self.run_dir, cfg, self.step, self.model.state_dict(), extra, keep=cfg.keep_checkpoints)
         meta = {"step": self.step, "content_dir": str(cfg.content_dir), "style_dir": str(cfg.style_dir),
-                "crop_size": cfg.crop_size}
+                "crop_size": cfg.crop_size, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         nets = {"forward": unwrap(self.model.G_AB), "inverse": unwrap(self.model.G_BA)}
         export_style(self.style_path, cfg.name, cfg.generator, nets, meta)
+        register_trained(self.style_path, cfg.name)  # in the style library: --style NAME from anywhere
         from .report import write_report
 
         try:

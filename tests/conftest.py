@@ -25,9 +25,36 @@ def onnx_cache(tmp_path_factory):
     else:
         os.environ["STYLESHIFT_CACHE"] = previous
 
+
+@pytest.fixture(scope="session", autouse=True)
+def session_style_home(tmp_path_factory):
+    """Styles registered while the session's fixtures train (and by the processes tests start) go to a
+    temporary library, never the user's."""
+    previous = os.environ.get("STYLESHIFT_HOME")
+    os.environ["STYLESHIFT_HOME"] = str(tmp_path_factory.mktemp("home"))
+    yield
+    if previous is None:
+        os.environ.pop("STYLESHIFT_HOME")
+    else:
+        os.environ["STYLESHIFT_HOME"] = previous
+
+
+@pytest.fixture(autouse=True)
+def style_home(tmp_path_factory, monkeypatch) -> Path:
+    """Each test starts with an empty style library of its own."""
+    path = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("STYLESHIFT_HOME", str(path))
+    return path
+
+
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 PHOTOS = sorted((SAMPLE / "photos").glob("*.jpg"))
 PAINTINGS = sorted((SAMPLE / "paintings").glob("*.jpg"))
+
+
+# `styleshift train` options for the tiny configuration below.
+TINY_CLI = ["--generator", "resnet_6blocks", "--ngf", "4", "--n-blocks", "1", "--ndf", "4", "--load-size", "40",
+            "--crop-size", "32", "--workers", "0", "--log-every", "1", "--quiet"]
 
 
 def tiny_config(content, style, **overrides):

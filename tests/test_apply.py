@@ -125,8 +125,6 @@ def test_style_is_found_by_run_name_directory_or_file(tiny_style, tmp_path, monk
     for spec in ("tiny", tiny_style.parent, tiny_style):
         code, out = run_cli("apply", src, "--style", spec, "--overwrite")
         assert code == 0, out
-    code, out = run_cli("apply", src, "--overwrite")  # no --style: the most recent one, said aloud
-    assert code == 0 and "tiny" in out
     code, out = run_cli("apply", src, "--style", "no-such-style")
     assert code == 2 and "not found" in out
 

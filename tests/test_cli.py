@@ -3,7 +3,7 @@ import sys
 
 from click.testing import CliRunner
 
-from conftest import SAMPLE
+from conftest import SAMPLE, TINY_CLI
 from styleshift.cli import main
 
 
@@ -12,16 +12,14 @@ def test_help_does_not_import_torch():
     code = "import sys; from styleshift.cli import main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
-    for args in (["--help"], ["train", "--help"], ["apply", "--help"]):
+    for args in (["--help"], ["train", "--help"], ["apply", "--help"], ["styles", "--help"]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0 and "Usage" in result.output
 
 
 def test_train_from_the_command_line_then_resume_with_only_the_name(tmp_path, monkeypatch):
     monkeypatch.setenv("STYLESHIFT_RUNS", str(tmp_path / "runs"))
-    tiny = ["--generator", "resnet_6blocks", "--ngf", "4", "--n-blocks", "1", "--ndf", "4", "--load-size", "40",
-            "--crop-size", "32", "--workers", "0", "--log-every", "1", "--quiet"]
-    args = ["train", str(SAMPLE / "photos"), str(SAMPLE / "paintings"), "--name", "cli", "--steps", "2", *tiny]
+    args = ["train", str(SAMPLE / "photos"), str(SAMPLE / "paintings"), "--name", "cli", "--steps", "2", *TINY_CLI]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "cli"
