@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import sys
 import warnings
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .fsutil import atomic_open
+from .fsutil import atomic_open, temporary_name
 
 DEFAULT_RUNS_DIR = "runs"
 DEFAULT_STYLE = "impressionism"  # the shipped style: styleshift/assets/impressionism.safetensors
@@ -104,7 +103,7 @@ def register(path: str | os.PathLike, name: str, replace: bool = True, link: boo
         raise StyleError(f"a style named {name!r} is already in the library ({dest}); --force replaces it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if link:
-        tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        tmp = temporary_name(dest)
         try:
             os.link(path, tmp)
         except OSError:

@@ -79,7 +79,9 @@ def test_onnx_engine_writes_the_same_pictures_as_torch(tiny_style, tmp_path):
         assert code == 0 and "converted 3" in out, out
     for p in src.iterdir():
         a, b = (np.asarray(Image.open(tmp_path / engine / p.name), dtype=int) for engine in ("torch", "onnx"))
-        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+        # The torch engine's Winograd convolutions (styleshift.kernels) round differently from exact ones:
+        # a few pixels are off by up to 2-3 levels, on average far below one.
+        assert a.shape == b.shape and np.abs(a - b).max() <= 3 and np.abs(a - b).mean() < 0.25
 
 
 def test_the_export_is_cached_by_weights(tiny_style, tmp_path):
