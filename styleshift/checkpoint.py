@@ -252,8 +252,10 @@ def load_style(path: str | os.PathLike) -> Style:
             for key in f.keys():
                 direction, _, name = key.partition(".")
                 weights.setdefault(direction, {})[name] = f.get_tensor(key)
-    except (OSError, RuntimeError) as e:  # safetensors raises these for damaged files
-        raise ValueError(f"{path}: cannot read style file ({e})") from None
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises OSError, RuntimeError or its own SafetensorError
+        raise ValueError(f"{path}: not a style file, or a damaged one ({e})") from None
     return Style(
         generator=generator_from_dict(json.loads(metadata["generator"])),
         weights=weights,
