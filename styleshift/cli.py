@@ -20,12 +20,14 @@ def main() -> None:
     """Learn an art style from two folders of unpaired images, then apply it to photos.
 
     \b
-      styleshift train photos/ paintings/ --name impressionism
-      styleshift apply photo.jpg --style impressionism
-      styleshift apply photos/ -o out/ --style impressionism
-      styleshift eval photos/ paintings/ --style impressionism
-      styleshift report impressionism
-      styleshift export impressionism --onnx impressionism.onnx
+      styleshift apply photo.jpg                    (the shipped style, impressionism)
+      styleshift train photos/ paintings/ --name monet
+      styleshift apply photo.jpg --style monet
+      styleshift apply photos/ -o out/ --style monet
+      styleshift styles
+      styleshift eval photos/ paintings/ --style monet
+      styleshift report monet
+      styleshift export monet --onnx monet.onnx
       styleshift styles
     """
     import warnings
@@ -149,13 +151,13 @@ def train(content, style, name, run_dir, fresh, preset, quiet, gpus, tensorboard
     if gpus is not None:
         launch_on_gpus(gpus)  # returns only for --gpus 1: this process trains
     from .config import TrainConfig, preset as preset_values
-    from .styles import runs_dir
+    from .styles import name_from, runs_dir
 
     main_process = dist.context().is_main  # under torchrun, only rank 0 speaks
 
     if name is None and style is None and run_dir is None:
         fail("give the CONTENT and STYLE folders (or --name/--run-dir of a run to resume)")
-    run_dir = run_dir or runs_dir() / (name or style.resolve().name)
+    run_dir = run_dir or runs_dir() / (name or name_from(style.resolve().name))
     found = None
     if not fresh:
         import warnings
@@ -180,7 +182,7 @@ def train(content, style, name, run_dir, fresh, preset, quiet, gpus, tensorboard
         if content is None or style is None:
             fail(f"give the CONTENT and STYLE folders: {run_dir} has no checkpoint to resume")
         base = TrainConfig(**preset_values(preset or "reference"))
-        name = name or (style or run_dir).resolve().name
+        name = name or name_from((style or run_dir).resolve().name)
     from .styles import StyleError, check_name
 
     try:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -84,6 +85,13 @@ def check_name(name: str) -> str:
         raise StyleError(f"invalid style name {name!r}: use letters, digits, '-', '_' and '.', not starting "
                          "with '.', at most 64 characters")
     return name
+
+
+def name_from(folder_name: str) -> str:
+    """A valid style name made from a folder's name ("My Paintings" -> "My-Paintings", "Été" -> "Ete")."""
+    folder_name = unicodedata.normalize("NFKD", folder_name).encode("ascii", "ignore").decode()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder_name).strip("-.")[:64].rstrip("-.")
+    return name or "style"
 
 
 def library_styles() -> dict[str, Path]:

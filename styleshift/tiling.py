@@ -413,7 +413,7 @@ class Tiler:
         """Run layers first..last on tiles of `source` (at `scale`); return the output of layer `capture`
         over the whole picture (written into `source` itself when the shapes agree), or None. With `at_norm`,
         what is returned is instead the input of the norm being measured (inside layer `capture`)."""
-        plan, layers = self.plan, self.plan.layers
+        plan = self.plan
         align = plan.stride // scale  # tile corners on multiples of the stride, in source pixels
         end = max(last, capture or 0)
         halo = math.ceil(plan.halo_between(first, end) / scale / align) * align

@@ -1,9 +1,7 @@
 import hashlib
-import shutil
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image

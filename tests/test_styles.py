@@ -205,3 +205,9 @@ def test_a_library_that_cannot_be_written_warns_but_training_goes_on(tiny_style,
     monkeypatch.setenv("STYLESHIFT_HOME", str(tmp_path / "a-file"))
     with pytest.warns(UserWarning, match="could not add style 'tiny' to the library"):
         assert styles.register_trained(tiny_style, "tiny") is None
+
+
+@pytest.mark.parametrize("folder, name", [("My Paintings", "My-Paintings"), ("monet2photo", "monet2photo"),
+                                          ("...", "style"), ("Été à Giverny", "Ete-a-Giverny")])
+def test_a_folder_name_becomes_a_valid_style_name(folder, name):
+    assert styles.name_from(folder) == name and styles.check_name(name) == name
