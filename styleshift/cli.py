@@ -129,7 +129,7 @@ def build_train_config(base, given: dict, content, style, name):
 @click.option("--log-every", type=int, help="Steps between lines of metrics.jsonl [10].")
 @click.option("--sample-every", type=int, help="Steps between sample grids [500].")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints and style exports [1000].")
-@click.option("--keep-checkpoints", type=click.IntRange(1), help="Checkpoints kept besides latest.pt [3].")
+@click.option("--keep-checkpoints", type=click.IntRange(1), help="Checkpoints kept; latest.pt links the newest [3].")
 @click.option("--num-samples", type=int, help="Fixed images per domain in the sample grid [3].")
 @click.option("--eval-every", type=int, help="Steps between quality evaluations [never].")
 @click.option("--gpus", type=click.IntRange(min=1),

@@ -78,7 +78,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 1000
-    keep_checkpoints: int = 3  # step checkpoints kept besides latest.pt (a damaged one falls back to these)
+    keep_checkpoints: int = 3  # step checkpoints kept; latest.pt links the newest, a damaged one falls back
     num_samples: int = 3  # fixed images per domain in the sample grid
     eval_every: int = 0  # 0: never; see styleshift.evaluate
 
