@@ -83,7 +83,8 @@ class Stylizer:
         x = x.mul_(2.0 / top).sub_(1.0)
         run = self.stylize_onnx if self.engine_for(*x.shape[-2:]) == "onnx" else self.stylize_tensor
         y = self.finish(run(x), x)
-        out = y[0].permute(1, 2, 0).add(1.0).mul(top / 2.0).round_().clamp_(0, top)
+        del x  # with y, and a third copy below, a 4096 x 4096 picture would hold 600 MB of floats
+        out = y[0].permute(1, 2, 0).add_(1.0).mul_(top / 2.0).round_().clamp_(0, top)  # in place: y is ours
         return out.cpu().numpy().astype(pixels.dtype)
 
     def finish(self, styled: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:

@@ -485,4 +485,6 @@ def tiled_forward(net: nn.Module, x: torch.Tensor, plan: Plan, tile: int | None,
     whole-picture statistics (each picture of the batch its own). Tiles are `tile` px a side, or with None
     as large as `budget` allows for the layers each pass runs."""
     tiler = Tiler(plan, tile, budget)
+    if x.shape[0] == 1:
+        return tiler(x)  # torch.cat would copy the one result: a whole picture's worth more memory
     return torch.cat([tiler(x[n:n + 1]) for n in range(x.shape[0])])
