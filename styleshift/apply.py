@@ -182,7 +182,7 @@ def convert(jobs: list[Job], stylize: Callable[[Picture], Picture], overwrite: b
         except ImageError as e:
             checked.append(_done(error=e))
     to_read = deque(i for i, c in enumerate(checked) if not c.exception() and c.result() == "convert")
-    for folder in sorted({job.dst.parent for i, job in enumerate(jobs) if i in to_read}):
+    for folder in sorted({jobs[i].dst.parent for i in to_read}):
         remove_stale_temporaries(folder)  # what a run killed mid-write left behind
     read = functools.partial(read_image, max_pixels=max_pixels)
 

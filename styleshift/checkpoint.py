@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ def save_resume(run_dir: str | os.PathLike, cfg: TrainConfig, step: int, model_s
     digest = sha256_of(path)
     atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
     _point_latest_at(path, run_dir / LATEST)
-    _prune(run_dir / CHECKPOINTS, keep)
+    _prune(run_dir, step, keep)
     return path
 
 
@@ -137,11 +138,36 @@ def checkpoint_files(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _prune(folder: Path, keep: int) -> None:
-    for old in checkpoint_files(folder.parent)[max(1, keep):]:
+def _prune(run_dir: Path, step: int, keep: int) -> None:
+    """Keep the `keep` newest checkpoints up to `step`, the one just written. Any of a later step belongs to
+    a timeline this run has left (it resumed from before a damaged one), so it goes too."""
+    later = [p for p in checkpoint_files(run_dir) if int(p.stem[5:]) > step]
+    kept = [p for p in checkpoint_files(run_dir) if int(p.stem[5:]) <= step]
+    for old in later + kept[max(1, keep):]:
         for p in (old, _sidecar(old)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+
+def set_aside(run_dir: str | os.PathLike) -> Path | None:
+    """A run started over (--fresh) moves the checkpoints it replaces to checkpoints.replaced/ (one
+    generation: an older one there is removed), so they neither mix with the new ones nor are lost at once."""
+    run_dir = Path(run_dir)
+    old, aside = run_dir / CHECKPOINTS, run_dir / f"{CHECKPOINTS}.replaced"
+    latest = run_dir / LATEST
+    if not old.is_dir() and not latest.exists():
+        return None
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir(parents=True)
+    if old.is_dir():
+        os.replace(old, aside / CHECKPOINTS)
+    if latest.is_symlink():
+        latest.unlink()
+    elif latest.exists():  # a copy (no links), or a run from before checkpoints/ existed
+        os.replace(latest, aside / LATEST)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(_sidecar(latest), aside / _sidecar(latest).name)
+    return aside
 
 
 def load_resume(path: str | os.PathLike) -> dict:
@@ -157,29 +183,39 @@ def load_resume(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path}: damaged (its SHA-256 does not match {sidecar.name})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses any global it does not know, which is what a payload needs to run.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeCheckpoint(f"{path}: refused: it holds pickled code or objects, which styleshift never "
-                               f"loads ({first[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated or not a torch file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: damaged or not a checkpoint ({reason[:160]})") from None
+    except Exception as e:  # a damaged pickle fails with almost any exception type
+        message = str(e).strip()
+        what = next((ln.strip() for ln in message.splitlines() if "Unsupported global" in ln), "")
+        if isinstance(e, pickle.UnpicklingError) and _names_real_code(what):
+            # weights_only refuses any global it does not know, which is what a payload needs to run. A file
+            # merely damaged fails otherwise (or names a global that does not exist), and is stepped over.
+            raise UnsafeCheckpoint(f"{path}: refused: it holds pickled code or objects, which styleshift never "
+                                   f"loads ({what[:160]})") from None
+        reason = (message.splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: damaged or not a checkpoint ({type(e).__name__}: {reason[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise CheckpointError(f"{path}: not a styleshift resume checkpoint")
     return state
 
 
-def has_checkpoint(run_dir: str | os.PathLike) -> bool:
-    return (Path(run_dir) / LATEST).exists() or bool(checkpoint_files(run_dir))
+def _names_real_code(refusal: str) -> bool:
+    """Whether torch's "Unsupported global: GLOBAL module.name" names something that exists (looked up among
+    the modules already imported; nothing is imported to find out): a payload, not a flipped byte."""
+    m = re.search(r"GLOBAL ([\w.]+)", refusal)
+    if not m:
+        return False
+    module, _, name = m[1].rpartition(".")
+    module = module or "builtins"  # torch names builtins without their module: "GLOBAL exec"
+    return module in sys.modules and hasattr(sys.modules[module], name)
 
 
 def find_resume(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
     """The newest good checkpoint of a run: latest.pt, else the step checkpoints newest first, with a
     warning naming what was damaged. None when the run has none; CheckpointError when none is good."""
     run_dir = Path(run_dir)
-    candidates = ([run_dir / LATEST] if (run_dir / LATEST).exists() else []) + checkpoint_files(run_dir)
-    problems = []
+    latest = run_dir / LATEST
+    candidates = ([latest] if latest.exists() else []) + checkpoint_files(run_dir)
+    problems = [f"{latest}: a link to a missing file"] if latest.is_symlink() and not latest.exists() else []
     for path in candidates:
         try:
             state = load_resume(path)

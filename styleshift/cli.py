@@ -472,7 +472,7 @@ def styles_add(file, name, force):
         stored_name = check_style_file(file).name
         name = name or stored_name
         path = register(file, name, replace=force, link=False)  # a copy: FILE may later change in place
-    except StyleError as e:
+    except (StyleError, OSError) as e:
         fail(str(e))
     click.echo(f"added {name} ({path})")
 
@@ -487,7 +487,7 @@ def styles_remove(name):
 
     try:
         path = remove(name)
-    except StyleError as e:
+    except (StyleError, OSError) as e:
         fail(str(e))
     click.echo(f"removed {name} ({path})")
 

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -20,8 +21,11 @@ _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 # .<name>.<host>.<pid>.<random>.tmp: the host and process tell whether the writer may still be alive.
 _TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
-# Errors of the destination, not of one file: every later write there would fail the same way.
-DESTINATION_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# Errors of the destination, not of one file: every later write there would fail the same way. Permission
+# errors count only when a file cannot even be created in the folder (a read-only or forbidden folder): one
+# output locked by another program (Windows) or made read-only fails alone.
+DESTINATION_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+CREATION_ERRNOS = DESTINATION_ERRNOS | {errno.EACCES, errno.EPERM}
 
 
 class DestinationError(OSError):
@@ -49,13 +53,14 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
         # Not tempfile.mkstemp: its files are private (0600); this one gets the usual permissions (umask).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as e:
-        raise _classified(e, path) from None
+        raise _classified(e, path, CREATION_ERRNOS) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -64,10 +69,26 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
-def _classified(e: OSError, path: Path) -> OSError:
-    if e.errno in DESTINATION_ERRNOS:
+def _classified(e: OSError, path: Path, destination_errnos: set[int] = DESTINATION_ERRNOS) -> OSError:
+    if e.errno in destination_errnos:
         return DestinationError(e.errno, f"cannot write {path}: {os.strerror(e.errno)}")
     return e
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so a rename in it survives a power cut too (POSIX; Windows has no such call)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder; the rename itself is done
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
@@ -79,14 +100,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def _alive(pid: int) -> bool:
+def _abandoned(path: Path, pid: int) -> bool:
+    """Whether the writer of a temporary file on this machine is gone."""
+    if os.name != "posix":
+        # os.kill(pid, 0) is no probe on Windows (signal 0 is CTRL_C_EVENT): go by age instead; no write
+        # stays untouched for a day.
+        try:
+            return time.time() - path.stat().st_mtime > 86400
+        except OSError:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
         return True
-    return True
+    except OSError:  # someone else's process, or no way to tell: leave its file alone
+        return False
+    return False
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
@@ -100,7 +129,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False)
     candidates = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
     for path in candidates:
         m = _TEMPORARY.match(path.name)
-        if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+        if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and _abandoned(path, int(m["pid"])):
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed.append(path)

@@ -139,6 +139,25 @@ def register_trained(path: str | os.PathLike, name: str) -> Path | None:
         return None
 
 
+def check_trainable(name: str, run_dir: str | os.PathLike) -> None:
+    """Whether a run may register its style under `name` (training replaces the library's `name` at its first
+    checkpoint). Free, or this run's own: yes. Another run's: yes, with a warning (a name follows its newest
+    run). A style that came from elsewhere (`styles add` of a file no run here made): no."""
+    path = library_styles().get(check_name(name))
+    if path is None:
+        return
+    try:
+        owner = read_info(path).meta.get("run_dir")
+    except StyleError:
+        owner = None  # a damaged file: whatever it was, not this run's
+    if owner is None:
+        raise StyleError(f"a style named {name!r} is already in the library ({path}, not made by a run); train "
+                         f"under another --name, or remove it first: styleshift styles remove {name}")
+    if Path(owner) != Path(run_dir).resolve():
+        warnings.warn(f"style {name!r} in the library, trained in {owner}, will be replaced by this run's",
+                      stacklevel=2)
+
+
 def remove(name: str) -> Path:
     path = library_styles().get(name)
     if path is None:

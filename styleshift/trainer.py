@@ -5,9 +5,9 @@ runs/NAME/
     metrics.jsonl        one line per `log_every` steps: step, epoch, each loss, lr, seconds per step;
                          with `eval_every`, lines of eval_* measures (see styleshift.evaluate)
     samples/step_*.png   fixed images: real | translated | reconstructed, both directions
-    latest.pt            everything needed to resume, with its SHA-256 in latest.pt.sha256
-    checkpoints/         the last few checkpoints (step_*.pt + .sha256): a damaged latest.pt falls back
-                         to the newest good one (see styleshift.checkpoint)
+    checkpoints/         the last few checkpoints (step_*.pt, each with its SHA-256 in step_*.pt.sha256)
+    latest.pt            a link to the newest: everything needed to resume; a damaged one falls back to
+                         the newest good checkpoint (see styleshift.checkpoint)
     NAME.safetensors     the exported style (both generators + config)
     report.html          curves, sample grids and configuration, refreshed at each checkpoint
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from .checkpoint import export_style, find_resume, rng_state, save_resume, set_rng_state
+from .checkpoint import export_style, find_resume, rng_state, save_resume, set_aside, set_rng_state
 from .config import RESUMABLE, TrainConfig
 from .cyclegan import CycleGAN, unwrap
 from .data import PairSampler, UnpairedDataset, default_num_workers, find_training_images, fixed_images, make_loader
@@ -43,7 +44,7 @@ from .data import to_model_range
 from .evaluate import HELD_ASIDE_MAX, TrainingEval, held_aside, relative_name, spread
 from .fsutil import atomic_write, atomic_write_text, remove_stale_temporaries
 from .precision import Precision, resolve_device
-from .styles import register_trained
+from .styles import check_trainable, register_trained
 
 
 class ConfigMismatch(ValueError):
@@ -125,9 +126,10 @@ class Trainer:
         self.resume_state = None
         found = find_resume(self.run_dir) if not fresh else None
         if found is not None:
-            self.resume_from, self.resume_state = found
+            _, self.resume_state = found
             check_resumable(TrainConfig.from_dict(self.resume_state["config"]), cfg)
         self.cfg = cfg
+        check_trainable(cfg.name, self.run_dir)  # before any work: the library name must be free or this run's
         self._check_ranks_agree()
         torch.manual_seed(cfg.seed + self.ctx.rank)  # ranks differ where randomness is not data-driven
 
@@ -269,6 +271,9 @@ class Trainer:
         metrics = self.run_dir / "metrics.jsonl"
         if self.resume_state is None:
             metrics.unlink(missing_ok=True)
+            aside = set_aside(self.run_dir)  # starting over: the old checkpoints must not mix with the new
+            if aside is not None:
+                print(f"Starting over; the previous checkpoints are in {aside}", file=sys.stderr)
         elif metrics.exists():
             # Lines logged after the checkpoint we resume from would be logged again: drop them.
             # A run killed mid-line leaves a line cut short: dropped too.
@@ -340,7 +345,8 @@ class Trainer:
             extra["other_ranks"] = {rank: state for rank, state in enumerate(others) if rank}
         save_resume(self.run_dir, cfg, self.step, self.model.state_dict(), extra, keep=cfg.keep_checkpoints)
         meta = {"step": self.step, "content_dir": str(cfg.content_dir), "style_dir": str(cfg.style_dir),
-                "crop_size": cfg.crop_size, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "crop_size": cfg.crop_size, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "run_dir": str(self.run_dir.resolve())}
         nets = {"forward": unwrap(self.model.G_AB), "inverse": unwrap(self.model.G_BA)}
         export_style(self.style_path, cfg.name, cfg.generator, nets, meta)
         register_trained(self.style_path, cfg.name)  # in the style library: --style NAME from anywhere

@@ -29,7 +29,8 @@ from styleshift.trainer import Trainer
 def trained(sample_dirs, tmp_path_factory):
     """A run with checkpoints at steps 2, 4, 6, 8 (three kept)."""
     run = tmp_path_factory.mktemp("crash") / "run"
-    Trainer(tiny_config(*sample_dirs, steps=8, checkpoint_every=2, keep_checkpoints=3), run, progress=False).fit()
+    Trainer(tiny_config(*sample_dirs, name="crash", steps=8, checkpoint_every=2, keep_checkpoints=3), run,
+            progress=False).fit()
     return run
 
 
@@ -67,7 +68,8 @@ def test_a_damaged_latest_is_detected_and_the_previous_good_one_used(trained, tm
     assert state["step"] == 6
 
     # And the run resumes from there, and overwrites the damaged step with a good one.
-    cfg = tiny_config(state["config"]["content_dir"], state["config"]["style_dir"], steps=10, checkpoint_every=2)
+    cfg = tiny_config(state["config"]["content_dir"], state["config"]["style_dir"], name="crash", steps=10,
+                      checkpoint_every=2)
     with pytest.warns(UserWarning, match="damaged"):
         result = Trainer(cfg, run, progress=False).fit()
     assert result.step == 10
@@ -149,8 +151,11 @@ def test_a_full_or_read_only_output_stops_apply_with_one_line(tiny_style, tmp_pa
     writes = []
 
     def failing_fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(target):  # the folder, synced after a rename
+            return real_fsync(fd)
         writes.append(fd)
-        if PHOTOS[0].stem not in os.readlink(f"/proc/self/fd/{fd}"):  # the first picture fits, then no more
+        if PHOTOS[0].stem not in target:  # the first picture fits, then no more
             raise OSError(code, os.strerror(code))
         real_fsync(fd)
 
@@ -237,3 +242,26 @@ def test_a_folder_conversion_killed_midway_finishes_on_a_rerun(tiny_style, tmp_p
     assert f"converted {40 - len(finished)}, skipped {len(finished)}" in rerun.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())  # no temporaries
     assert all(read_image(p).height == 128 for p in out.iterdir())
+
+
+def test_a_damaged_pickle_is_stepped_over_not_mistaken_for_a_payload(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    newest = checkpoint_files(run)[0]
+    (newest.parent / (newest.name + ".sha256")).unlink()  # as a checkpoint killed before its checksum was written
+    # A flipped byte that turns into a reference to something that does not exist, and one that breaks a length.
+    for garbage in (b"\x80\x02}q\x00(X\x06\x00\x00\x00formatq\x01ctorch\nzzz\nq\x02.", b"\x80\x02K\x01X\xff\xff"):
+        newest.write_bytes(garbage)
+        with pytest.warns(UserWarning, match="damaged or not a checkpoint"):
+            assert find_resume(run)[1]["step"] == 6
+
+
+def test_fresh_sets_the_old_checkpoints_aside_and_keeps_its_own(trained, sample_dirs, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    result = Trainer(tiny_config(*sample_dirs, name="crash", steps=2, checkpoint_every=2), run, fresh=True,
+                     progress=False).fit()
+    assert result.step == 2
+    assert [f.name for f in checkpoint_files(run)] == ["step_00000002.pt"]
+    assert (run / "latest.pt").resolve() == checkpoint_files(run)[0].resolve()
+    assert find_resume(run)[1]["step"] == 2  # not the old run's step 8
+    aside = run / "checkpoints.replaced" / "checkpoints"
+    assert sorted(f.name for f in aside.glob("*.pt")) == ["step_00000004.pt", "step_00000006.pt", "step_00000008.pt"]

@@ -211,3 +211,21 @@ def test_a_library_that_cannot_be_written_warns_but_training_goes_on(tiny_style,
                                           ("...", "style"), ("Été à Giverny", "Ete-a-Giverny")])
 def test_a_folder_name_becomes_a_valid_style_name(folder, name):
     assert styles.name_from(folder) == name and styles.check_name(name) == name
+
+
+def test_training_never_replaces_a_style_no_run_made(tiny_style, sample_dirs, tmp_path):
+    from styleshift.checkpoint import export_style, load_style
+    from styleshift.trainer import Trainer
+
+    from conftest import tiny_config
+
+    style = load_style(tiny_style)
+    mine = tmp_path / "mine.safetensors"
+    export_style(mine, "mine", style.generator, {d: style.build(d) for d in ("forward", "inverse")}, {"step": 1})
+    styles.register(mine, "mine", link=False)
+    with pytest.raises(styles.StyleError, match="already in the library.*not made by a run.*styles remove mine"):
+        Trainer(tiny_config(*sample_dirs, name="mine", steps=1), tmp_path / "run", progress=False)
+    # Another run's style of the same name is replaced, with a warning.
+    Trainer(tiny_config(*sample_dirs, name="again", steps=1), tmp_path / "a", progress=False).fit()
+    with pytest.warns(UserWarning, match="trained in .*a, will be replaced"):
+        Trainer(tiny_config(*sample_dirs, name="again", steps=1), tmp_path / "b", progress=False)
