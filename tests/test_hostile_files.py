@@ -164,4 +164,5 @@ def test_train_skips_each_bad_file_with_a_warning_and_trains_on_the_rest(hostile
     messages = [str(w.message) for w in caught]
     for name, reason in {**HOSTILE, "strip.png": "too thin"}.items():
         assert any(str(hostile / name) in m and reason in m for m in messages), name
+    assert any("back-to-top" in m and "loop" in m for m in messages)
     assert not any("tiny.png" in m for m in messages)  # smaller than the crop: upscaled, used
