@@ -20,8 +20,18 @@ start=$(date +%s)
 "$PYTHON" -m styleshift train data/sample/photos data/sample/paintings --name impressionism --run-dir "$RUN" \
     --preset fast --steps "$STEPS" --checkpoint-every 1000 --sample-every 1000 "$@"
 end=$(date +%s)
-mkdir -p styleshift/assets
-cp "$RUN/impressionism.safetensors" styleshift/assets/.impressionism.safetensors.tmp
-mv styleshift/assets/.impressionism.safetensors.tmp styleshift/assets/impressionism.safetensors
+# Shipped as the run exported it, less the path of the run directory (it means nothing on another machine),
+# with the date it was finished.
+"$PYTHON" - "$RUN/impressionism.safetensors" styleshift/assets/impressionism.safetensors <<'PY'
+import sys
+from datetime import datetime, timezone
+
+from styleshift.checkpoint import DIRECTIONS, export_style, load_style
+
+style = load_style(sys.argv[1])
+meta = {k: v for k, v in style.meta.items() if k != "run_dir"}
+meta.setdefault("date", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+export_style(sys.argv[2], style.name, style.generator, {d: style.build(d) for d in DIRECTIONS}, meta)
+PY
 echo "trained in $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s (this invocation);" \
      "shipped styleshift/assets/impressionism.safetensors ($(du -k styleshift/assets/impressionism.safetensors | cut -f1) KiB)"
