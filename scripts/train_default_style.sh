@@ -3,8 +3,9 @@
 # `styleshift apply` uses when no --style is given: the fast preset on the bundled sample
 # (data/sample/photos -> data/sample/paintings, 29 photos and 50 impressionist paintings).
 #
-# Time on a 2-core CPU: 16000 steps at 0.12 s/step (AMD EPYC, 2 threads, alone) is about 35 minutes;
-# at the 0.31 s/step measured on a 2-core Xeon (AVX-512), about 85 minutes. Under 2 hours on both.
+# Time on a 2-core CPU: the shipped style took 60 min 43 s on a 2-core AMD EPYC while other work shared the
+# machine (median 0.138 s/step, 0.12 s/step at its quietest: about 37 minutes alone). The fast preset's
+# 0.31 s/step measured on a 2-core Xeon (AVX-512) gives about 85 minutes there. Under 2 hours on both.
 # Interrupted (Ctrl-C, or killed), running the script again resumes where the last checkpoint left off.
 #
 #   sh scripts/train_default_style.sh            # 16000 steps
