@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .config import GeneratorConfig, TrainConfig, generator_from_dict
-from .fsutil import atomic_open, atomic_write, atomic_write_text, temporary_name
+from .fsutil import atomic_open, atomic_write, atomic_write_text, sync_folder, temporary_name
 
 RESUME_FORMAT = "styleshift-resume/1"
 STYLE_FORMAT = "styleshift-style/1"
@@ -127,6 +127,7 @@ def _point_latest_at(path: Path, latest: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    sync_folder(latest.parent)
     with contextlib.suppress(FileNotFoundError):
         _sidecar(latest).unlink()  # a copy's checksum, from an earlier run on another system
 

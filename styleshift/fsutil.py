@@ -60,7 +60,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _sync_folder(path.parent)
+        sync_folder(path.parent)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -75,7 +75,7 @@ def _classified(e: OSError, path: Path, destination_errnos: set[int] = DESTINATI
     return e
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """fsync a folder, so a rename in it survives a power cut too (POSIX; Windows has no such call)."""
     if os.name != "posix":
         return
