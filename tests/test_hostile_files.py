@@ -75,7 +75,7 @@ def make_hostile_folder(folder):
     photo.save(folder / "animated.webp", save_all=True, append_images=[black], duration=100)
     photo.save(folder / "multipage.tif", save_all=True, append_images=[black])
     photo.resize((20, 14)).save(folder / "tiny.png")  # smaller than a 32 px training crop
-    photo.resize((3000, 1)).save(folder / "strip.png")  # 1 pixel tall
+    photo.resize((1, 5000)).save(folder / "strip.png")  # 1 x 5000: one pixel wide
 
     # A folder linking back to its parent: scanning must end, and say why it skipped it.
     (folder / "sub").mkdir()
