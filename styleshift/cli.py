@@ -113,7 +113,9 @@ def build_train_config(base, given: dict, content, style, name):
 @click.option("--n-blocks", type=int, help="Residual blocks [the generator's own].")
 @click.option("--upsample", type=click.Choice(["transpose", "resize", "subpixel"]),
               help="Generator upsampling [transpose].")
-@click.option("--downsample", type=click.Choice(["stride", "blur"]), help="Generator downsampling [stride].")
+@click.option("--downsample", type=click.Choice(["stride", "stride_reflect", "blur"]),
+              help="Generator downsampling: strided convolution padded with zeros or by reflection, or blur-pool "
+                   "[stride].")
 @click.option("--discriminator", help="Discriminator: basic (70x70 PatchGAN), n_layers [basic].")
 @click.option("--ndf", type=int, help="Discriminator filters in the first layer [64].")
 @click.option("--n-layers", type=int, help="Discriminator layers, with --discriminator n_layers [3].")

@@ -145,7 +145,7 @@ def test_a_full_disk_stops_training_and_keeps_the_last_good_checkpoint(sample_di
 def test_a_full_or_read_only_output_stops_apply_with_one_line(tiny_style, tmp_path, monkeypatch, code):
     src = tmp_path / "photos"
     src.mkdir()
-    for p in PHOTOS[:4]:
+    for p in PHOTOS[:10]:
         Image.open(p).convert("RGB").resize((48, 32)).save(src / f"{p.stem}.png")
     real_fsync = os.fsync
     writes = []
@@ -165,7 +165,9 @@ def test_a_full_or_read_only_output_stops_apply_with_one_line(tiny_style, tmp_pa
                                        "--engine", "torch", "--quiet"])
     assert result.exit_code == 1
     assert f"stopped: cannot write {out}" in result.output and os.strerror(code) in result.output
-    assert len(writes) <= 3  # it stopped, rather than failing every remaining file the same way
+    # It stopped, rather than failing every remaining file the same way: only the writes already under way
+    # when the first failure came back (up to `ahead` = 2 queued behind it) were tried.
+    assert len(writes) <= 5
     assert [p.name for p in out.iterdir()] == [f"{PHOTOS[0].stem}.png"]  # no partial file, no temporary file
 
 

@@ -7,7 +7,8 @@ from styleshift.networks.layers import InstanceNorm2d
 
 
 @pytest.mark.parametrize("arch", sorted(GENERATORS))
-@pytest.mark.parametrize("upsample,downsample", [("transpose", "stride"), ("resize", "blur")])
+@pytest.mark.parametrize("upsample,downsample", [("transpose", "stride"), ("resize", "blur"),
+                                                 ("resize", "stride_reflect")])
 def test_generator_keeps_the_input_size(arch, upsample, downsample):
     net = build_generator(GeneratorConfig(arch=arch, ngf=4, n_blocks=1, upsample=upsample, downsample=downsample))
     x = torch.rand(2, 3, 36, 52) * 2 - 1
@@ -57,3 +58,25 @@ def test_fast_instance_norm_equals_the_textbook_one(layout):
     y.backward(g)
     ref.backward(g)
     torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_reflection_padded_downsampling_changes_only_the_top_and_left_edges():
+    """Zero padding is read only at the top and left by a stride-2 convolution on an even side: the band the
+    reference draws there. stride_reflect takes the same weights and differs from it near those edges alone."""
+    zeros = build_generator(GeneratorConfig(arch="mobile_resnet", ngf=8, n_blocks=1, upsample="resize"))
+    reflect = build_generator(GeneratorConfig(arch="mobile_resnet", ngf=8, n_blocks=1, upsample="resize",
+                                              downsample="stride_reflect"))
+    torch.manual_seed(0)
+    for m in zeros.modules():  # weights large enough that an edge's change survives to the output
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, std=0.5 / m.weight[0].numel() ** 0.5)
+    reflect.load_state_dict(zeros.state_dict())
+    for net in (zeros, reflect):
+        for m in net.modules():  # no instance norm: it would spread an edge's change over the whole map
+            if isinstance(m, InstanceNorm2d):
+                m.forward = lambda x: x
+    x = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        diff = (zeros(x) - reflect(x)).abs().amax(dim=(0, 1))
+    edge = min(diff[:2].max(), diff[:, :2].max())  # the top and left edges change ...
+    assert edge > 1e-4 and diff[48:, 48:].max() < edge / 1000  # ... the rest of the picture does not

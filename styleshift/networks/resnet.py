@@ -29,14 +29,19 @@ class ResnetBlock(nn.Module):
 
 def down_layer(c_in: int, c_out: int, downsample: str) -> list[nn.Module]:
     """A stride-2 step to c_out channels, norm and ReLU included."""
-    if downsample == "stride":
-        return [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=True), instance_norm(c_out), nn.ReLU(True)]
+    if downsample in ("stride", "stride_reflect"):
+        # A 3x3 stride-2 convolution on an even side only ever reads the padding at the top and left (output
+        # row o reads rows 2o-1..2o+1), so the reference's zero padding darkens those two edges alone: a band
+        # along them. "stride_reflect" pads by reflection there, as every other layer does; same weights.
+        mode = "reflect" if downsample == "stride_reflect" else "zeros"
+        return [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, padding_mode=mode, bias=True), instance_norm(c_out),
+                nn.ReLU(True)]
     if downsample == "blur":
         # Zhang 2019's anti-aliased placement: the convolution and ReLU at full resolution, then low-pass
         # and subsample ("BlurPool"), so no frequency the output grid cannot hold is aliased into it.
         return [nn.ReflectionPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=True), instance_norm(c_out), nn.ReLU(True),
                 Blur(), Subsample()]
-    raise ValueError(f"unknown downsample {downsample!r} (stride, blur)")
+    raise ValueError(f"unknown downsample {downsample!r} (stride, stride_reflect, blur)")
 
 
 def up_layer(c_in: int, c_out: int, upsample: str) -> list[nn.Module]:
@@ -80,7 +85,8 @@ class ResnetGenerator(nn.Module):
                  block="resnet"):
         super().__init__()
         trunk = [BLOCKS[block](ngf * 4) for _ in range(n_blocks)]
-        self.model = nn.Sequential(*encoder(in_channels, ngf, downsample), *trunk, *decoder(out_channels, ngf, upsample))
+        self.model = nn.Sequential(*encoder(in_channels, ngf, downsample), *trunk,
+                                   *decoder(out_channels, ngf, upsample))
         init_weights(self)
 
     def forward(self, x):
