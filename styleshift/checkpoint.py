@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .config import GeneratorConfig, TrainConfig, generator_from_dict
-from .fsutil import atomic_open, atomic_write, atomic_write_text, sync_folder, temporary_name
+from .fsutil import atomic_copy, atomic_link, atomic_open, atomic_write, atomic_write_text
 
 RESUME_FORMAT = "styleshift-resume/1"
 STYLE_FORMAT = "styleshift-style/1"
@@ -113,38 +113,31 @@ def _point_latest_at(path: Path, latest: Path) -> None:
     """Make latest.pt a relative symbolic link to `path`, switched in one rename, so it is never out of step
     with its checksum (the target's). Where links cannot be made (Windows without the privilege), a copy
     with its own checksum file."""
-    tmp = temporary_name(latest)
-    try:
-        os.symlink(path.relative_to(latest.parent), tmp)
-    except (OSError, NotImplementedError):
-        with atomic_open(latest) as f, open(path, "rb") as src:
-            shutil.copyfileobj(src, f, 1 << 20)
+    if not atomic_link(path.relative_to(latest.parent), latest, symbolic=True):
+        atomic_copy(path, latest)
         atomic_write_text(_sidecar(latest), _sidecar(path).read_text().replace(path.name, LATEST))
         return
-    try:
-        os.replace(tmp, latest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    sync_folder(latest.parent)
     with contextlib.suppress(FileNotFoundError):
         _sidecar(latest).unlink()  # a copy's checksum, from an earlier run on another system
 
 
+def _step_of(path: Path) -> int | None:
+    m = _STEP_FILE.match(path.name)
+    return int(m[1]) if m else None
+
+
 def checkpoint_files(run_dir: str | os.PathLike) -> list[Path]:
     """The step checkpoints of a run directory, newest first."""
-    folder = Path(run_dir) / CHECKPOINTS
-    found = [(int(m[1]), p) for p in folder.glob("step_*.pt") if (m := _STEP_FILE.match(p.name))]
+    found = [(step, p) for p in (Path(run_dir) / CHECKPOINTS).glob("step_*.pt") if (step := _step_of(p)) is not None]
     return [p for _, p in sorted(found, reverse=True)]
 
 
 def _prune(run_dir: Path, step: int, keep: int) -> None:
     """Keep the `keep` newest checkpoints up to `step`, the one just written. Any of a later step belongs to
     a timeline this run has left (it resumed from before a damaged one), so it goes too."""
-    later = [p for p in checkpoint_files(run_dir) if int(p.stem[5:]) > step]
-    kept = [p for p in checkpoint_files(run_dir) if int(p.stem[5:]) <= step]
-    for old in later + kept[max(1, keep):]:
+    files = checkpoint_files(run_dir)
+    later = [p for p in files if _step_of(p) > step]
+    for old in later + files[len(later):][max(1, keep):]:
         for p in (old, _sidecar(old)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -89,6 +90,31 @@ def sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_link(target: str | os.PathLike, path: str | os.PathLike, symbolic: bool = False) -> bool:
+    """Make `path` a link to `target` (a hard link, or a symbolic one holding `target` as given), switched in
+    with one rename like atomic_open's files. False, with nothing changed, where the filesystem or the
+    system refuses links (FAT, across filesystems, Windows without the privilege): the caller copies."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        (os.symlink if symbolic else os.link)(target, tmp)
+    except (OSError, NotImplementedError):
+        return False
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    sync_folder(path.parent)
+    return True
+
+
+def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> None:
+    with open(src, "rb") as f:
+        atomic_write(path, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:

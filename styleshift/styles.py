@@ -11,11 +11,9 @@ made by scripts/train_default_style.sh.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import sys
 import unicodedata
 import warnings
@@ -23,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .fsutil import atomic_open, temporary_name
+from .fsutil import atomic_copy, atomic_link
 
 DEFAULT_RUNS_DIR = "runs"
 DEFAULT_STYLE = "impressionism"  # the shipped style: styleshift/assets/impressionism.safetensors
@@ -110,22 +108,8 @@ def register(path: str | os.PathLike, name: str, replace: bool = True, link: boo
     if not replace and dest.exists():
         raise StyleError(f"a style named {name!r} is already in the library ({dest}); --force replaces it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if link:
-        tmp = temporary_name(dest)
-        try:
-            os.link(path, tmp)
-        except OSError:
-            pass  # copied below
-        else:
-            try:
-                os.replace(tmp, dest)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            return dest
-    with open(path, "rb") as src, atomic_open(dest) as f:
-        shutil.copyfileobj(src, f)
+    if not (link and atomic_link(path, dest)):
+        atomic_copy(path, dest)
     return dest
 
 
