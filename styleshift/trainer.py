@@ -51,15 +51,6 @@ class ConfigMismatch(ValueError):
     pass
 
 
-def json_line(line: str) -> dict | None:
-    """A metrics.jsonl line as a dict; None for a blank line or one a killed run left cut short."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and "step" in record else None
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -261,8 +252,7 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        for folder in (self.run_dir, self.run_dir / "samples", self.run_dir / "checkpoints"):
-            remove_stale_temporaries(folder)  # left by a run killed mid-write
+        remove_stale_temporaries(self.run_dir, recursive=True)  # left by a run killed mid-write
         if self.tensorboard:
             from .tblog import open_tensorboard
 
@@ -275,10 +265,12 @@ class Trainer:
             if aside is not None:
                 print(f"Starting over; the previous checkpoints are in {aside}", file=sys.stderr)
         elif metrics.exists():
-            # Lines logged after the checkpoint we resume from would be logged again: drop them.
-            # A run killed mid-line leaves a line cut short: dropped too.
-            keep = [ln for ln in metrics.read_text().splitlines() if (r := json_line(ln)) and r["step"] <= self.step]
-            atomic_write_text(metrics, "".join(ln + "\n" for ln in keep))
+            from .report import read_metrics
+
+            # Lines logged after the checkpoint we resume from would be logged again: drop them. A line a
+            # killed run left cut short is not read back, so it goes too.
+            keep = [r for r in read_metrics(metrics) if r["step"] <= self.step]
+            atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in keep))
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
