@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from copy import deepcopy
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,10 @@ class Plan:
     # per layer: True when it computes x + norm(z) with its last instance norm last (a residual block), so
     # once that norm's input z is stored its output is a pointwise update of x
     residual: tuple[bool, ...] = ()
+    dtype: torch.dtype = torch.float32  # the network's: feature maps take its itemsize per value
+    # per layer: for a residual block x + chain(x) with two norms whose first norm's input y has x's shape,
+    # the chain from that norm on and its reach in input pixels, so the block's output is x + norm(tail(y))
+    tails: tuple[tuple[nn.Sequential, float] | None, ...] = ()
 
     @property
     def halo(self) -> int:
@@ -134,6 +139,8 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
     if layers is None:
         raise ValueError(f"tiling: {type(net).__name__} is not a sequence of layers; use tile_size=0")
     param = next(net.parameters(), None)
+    if param is not None and param.dtype != torch.float32:
+        return _low_precision_plan(net, layers, param.dtype, in_channels, probe)
     # Random, not zeros: a freshly initialised net (zero biases) maps zeros to zeros, proving nothing below.
     x = torch.randn(1, in_channels, probe, probe, generator=torch.Generator().manual_seed(0))
     x = x.to(param.device if param is not None else "cpu")
@@ -142,15 +149,16 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
              for m in layers.modules() if next(m.children(), None) is None]
 
     def on_norm(m, i, o):  # returns None: a forward hook's return value would replace the output
-        norms.append((current[0], m))
+        norms.append((current[0], m, i[0].shape))
         last_norm_input[current[0]] = (m, i[0])
 
     hooks += [m.register_forward_hook(on_norm) for m in layers.modules() if isinstance(m, nn.InstanceNorm2d)]
     try:
-        h, scales, residual, out_bytes = x, [], [], []
+        h, scales, residual, out_bytes, in_shapes = x, [], [], [], []
         for k, layer in enumerate(layers):
             current[0] = k
             before, calls = h, len(leaves)
+            in_shapes.append(h.shape)
             h = layer(h)
             scales.append(_scale(probe, h.shape[-1]))
             out_bytes.append(4 * h.numel() / probe**2)
@@ -170,8 +178,44 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
         peak[k] = max(peak[k], 1.25 * (math.prod(i) + math.prod(o)) * 4 / probe**2)
     stride = round(max(scales))
     checkpoint = max((b for b, s in zip(out_bytes, scales) if s == stride), default=0.0)
-    return Plan(layers, tuple(reach), tuple(scales), tuple(k for k, _ in norms), tuple(m for _, m in norms),
-                stride, max(peak), tuple(peak), tuple(out_bytes), checkpoint, h.shape[1], tuple(residual))
+    tails = tuple(_tail(layer, [(m, shape) for j, m, shape in norms if j == k], in_shapes[k], scales[k])
+                  if residual[k] else None for k, layer in enumerate(layers))
+    return Plan(layers, tuple(reach), tuple(scales), tuple(k for k, _, _ in norms), tuple(m for _, m, _ in norms),
+                stride, max(peak), tuple(peak), tuple(out_bytes), checkpoint, h.shape[1], tuple(residual),
+                tails=tails)
+
+
+def _tail(block: nn.Module, norms: list, in_shape: torch.Size, scale: float) -> tuple[nn.Sequential, float] | None:
+    """For a residual block (checked on the probe) whose chain holds two norms, the second one last, and whose
+    first norm's input has the block input's shape: the chain from the first norm on, and its reach."""
+    chain = as_layers(block)
+    if chain is None or len(norms) != 2 or chain[-1] is not norms[1][0] or norms[0][1] != in_shape:
+        return None
+    start = next((j for j, m in enumerate(chain) if m is norms[0][0]), None)
+    if start is None:
+        return None
+    tail = nn.Sequential(*chain[start:])
+    reach = sum(_radius(m, False) for m in tail.modules() if next(m.children(), None) is None) * scale
+    return tail, reach
+
+
+def _low_precision_plan(net: nn.Module, layers: nn.Sequential, dtype: torch.dtype, in_channels: int,
+                        probe: int) -> Plan:
+    """The plan of a bf16/fp16 network: probed on an fp32 copy, whose checks compare results to 1e-5 (bf16
+    rounding would fail them), then pointed back at this network's own modules, with byte counts for its
+    itemsize."""
+    copy = deepcopy(net).float()
+    plan = make_plan(copy, in_channels, probe)
+    name_of = {id(m): name for name, m in copy.named_modules()}
+    own = dict(net.named_modules())
+    k = dtype.itemsize / 4
+    tails = tuple(None if t is None else (nn.Sequential(*(own[name_of[id(m)]] for m in t[0])), t[1])
+                  for t in plan.tails)
+    return replace(plan, layers=layers, norms=tuple(own[name_of[id(m)]] for m in plan.norms), dtype=dtype, tails=tails,
+                   bytes_per_pixel=plan.bytes_per_pixel * k,
+                   layer_bytes_per_pixel=tuple(b * k for b in plan.layer_bytes_per_pixel),
+                   out_bytes_per_pixel=tuple(b * k for b in plan.out_bytes_per_pixel),
+                   checkpoint_bytes_per_pixel=plan.checkpoint_bytes_per_pixel * k)
 
 
 def available_memory(device: torch.device) -> int:
@@ -279,9 +323,7 @@ class NormStats:
             h, w = x.shape[-2:]
             t, b, l, r = self.core
             v = x[..., round(t * h):round(b * h), round(l * w):round(r * w)]
-            with torch.autocast(x.device.type, enabled=False):
-                var, mean = torch.var_mean(v.float(), dim=(2, 3), correction=0)
-            self._merge(mean.double(), var.double() * v[0, 0].numel(), v[0, 0].numel())
+            self._add_up(v)
             self.kept = v.clone() if self.keep else None
             raise Stop
         if self.stats[i] is None:
@@ -290,6 +332,20 @@ class NormStats:
 
     def measure(self, i: int, keep: bool = False) -> None:
         self.measuring, self.sums, self.keep = i, [0.0, 0.0, 0], keep
+
+    def _add_up(self, v: torch.Tensor) -> None:
+        """Merge the per-channel statistics of 1 x C x h x w `v` (a tile's core, any dtype and layout), a few
+        rows at a time: each chunk is copied to a small fp32 matrix (positions x channels, so the reduction
+        runs along rows whatever the layout), which stays in cache; about 7x faster than one var_mean over
+        the strided core of a channels-last bf16 tile, and no tile-sized fp32 copy is made."""
+        c, h, w = v.shape[-3:]
+        rows = max(1, (1 << 17) // max(1, w * c))  # 512 KiB chunks: in cache, and below the mmap threshold
+        with torch.autocast(v.device.type, enabled=False):
+            for r in range(0, h, rows):
+                chunk = v[0, :, r:r + rows, :].permute(1, 2, 0).reshape(-1, c).float()
+                mean = chunk.mean(0)  # then squared deviations from it: no cancellation; 5x var_mean's speed
+                m2 = (chunk - mean).square_().sum(0)  # not in place: chunk may be a view of v
+                self._merge(mean.double()[None], m2.double()[None], chunk.shape[0])
 
     def _merge(self, mean: torch.Tensor, m2: torch.Tensor, n: int) -> None:
         """Fold one tile's count, mean and sum of squared deviations into the running ones: the pairwise
@@ -322,14 +378,12 @@ class NormStats:
 
     @staticmethod
     def _apply(m: nn.Module, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        # fp32 arithmetic, and fp32 output on CPUs as styleshift's InstanceNorm2d does (its docstring says why).
+        # Batch norm with fixed statistics is exactly (x - mean) / sqrt(var + eps) [* weight + bias] per
+        # channel: one pass in fp32 arithmetic, its output in the input's dtype and layout (as styleshift's
+        # InstanceNorm2d gives it without gradients; its docstring says why), with no fp32 copy of a bf16 tile.
         with torch.autocast(x.device.type, enabled=False):
-            scale = torch.rsqrt(var + m.eps)
-            shift = -mean * scale
-            if m.affine:
-                scale, shift = scale * m.weight, shift * m.weight + m.bias
-            y = torch.addcmul(shift[:, None, None], x.float(), scale[:, None, None])
-        return y if x.device.type == "cpu" else y.to(x.dtype)
+            return F.batch_norm(x, mean, var, m.weight if m.affine else None, m.bias if m.affine else None,
+                                training=False, eps=m.eps)
 
 
 def downscale_to_fit(x: torch.Tensor, plan: Plan, budget: int) -> torch.Tensor:
@@ -363,6 +417,9 @@ class Tiler:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         self.norms = norms = NormStats(plan.norms)
+        # Tiles and buffers in the input's layout: a channels-last network would reorder every tile otherwise.
+        self.layout = torch.channels_last if not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format
         h, w = x.shape[-2:]
         checkpoint = plan.checkpoint_bytes_per_pixel * h * w
         exact = checkpoint <= 0.75 * self.budget
@@ -370,7 +427,10 @@ class Tiler:
             norms.record(plan.layers[:plan.norm_layer[-1] + 1], downscale_to_fit(x, plan, self.budget))
         with norms:
             first, source, scale = 0, x, 1  # the checkpoint: output of layers[:first], at `scale`
+            measured = -1  # norms up to this one are measured already
             for i, layer in enumerate(plan.norm_layer if exact else ()):
+                if i <= measured:
+                    continue
                 held = source.numel() * source.element_size() + plan.out_bytes_per_pixel[layer - 1] * h * w
                 if (plan.layers[layer] is plan.norms[i] and layer > first and plan.scale[layer - 1] >= 1
                         and held <= 0.75 * self.budget):
@@ -382,6 +442,23 @@ class Tiler:
                     first, scale = layer, int(plan.scale[layer - 1])
                     continue
                 last_in_layer = i + 1 == len(plan.norms) or plan.norm_layer[i + 1] != layer
+                tail = plan.tails[layer] if plan.tails else None
+                if (first == layer and tail is not None and not last_in_layer and scale == plan.stride
+                        and 2 * checkpoint <= 0.75 * self.budget):
+                    # A residual block x + tail(y): keep its first norm's input y while measuring that norm,
+                    # then run the tail on y (its halo is one convolution's), measuring the last norm and
+                    # writing its input z over y, and add x += norm(z). Each convolution runs once, for the
+                    # same second buffer as below; 1.3x faster than that for ResNet-9 at 1536 x 2048.
+                    norms.measure(i, keep=True)
+                    y = self._pass(source, first, scale, layer, capture=layer, at_norm=True)
+                    norms.finish()
+                    norms.measure(i + 1, keep=True)
+                    z = self._pass(y, first, scale, layer, capture=layer, at_norm=True, tail=tail)
+                    norms.finish()
+                    self._add_normalised(source, z, plan.norms[i + 1], norms.stats[i + 1])
+                    del y, z
+                    first, measured = first + 1, i + 1
+                    continue
                 if (first == layer and last_in_layer and plan.residual[layer] and scale == plan.stride
                         and 2 * checkpoint <= 0.75 * self.budget):
                     # A residual block's last norm: keep its input z while measuring it, then the block's
@@ -409,14 +486,19 @@ class Tiler:
             x[..., r:r + rows, :] += NormStats._apply(norm, z[..., r:r + rows, :], *stats).to(x.dtype)
 
     def _pass(self, source: torch.Tensor, first: int, scale: int, last: int, capture: int | None,
-              at_norm: bool = False):
+              at_norm: bool = False, tail: tuple[nn.Sequential, float] | None = None):
         """Run layers first..last on tiles of `source` (at `scale`); return the output of layer `capture`
         over the whole picture (written into `source` itself when the shapes agree), or None. With `at_norm`,
-        what is returned is instead the input of the norm being measured (inside layer `capture`)."""
+        what is returned is instead the input of the norm being measured (inside layer `capture`). With
+        `tail` (see Plan.tails), `source` is layer `first`'s first norm input and the tail runs instead,
+        its result written over `source`."""
         plan = self.plan
         align = plan.stride // scale  # tile corners on multiples of the stride, in source pixels
         end = max(last, capture or 0)
-        halo = math.ceil(plan.halo_between(first, end) / scale / align) * align
+        reach = tail[1] if tail is not None else plan.halo_between(first, end)
+        halo = math.ceil(reach / scale / align) * align
+        modules = tail[0] if tail is not None else plan.layers[first:last + 1]
+        captured = None if capture is None else len(modules) - 1 if tail is not None else capture - first
         h, w = source.shape[-2:]
         # Tiles may take what the buffers leave of the budget; low-resolution layers take far larger tiles.
         held = source.numel() * source.element_size()
@@ -427,8 +509,8 @@ class Tiler:
         out, out_scale = None, plan.scale[capture] / scale if capture is not None else 1.0
         row_bytes = plan.out_bytes_per_pixel[capture] * w * scale if capture is not None else 0.0
         # Written over the source when it has the same shape; never over the caller's input (first == 0).
-        in_place = (first > 0 and not at_norm and out_scale == 1 and source.dtype == torch.float32
-                    and round(row_bytes / scale / w / 4 * scale**2) == source.shape[1])
+        in_place = tail is not None or (first > 0 and not at_norm and out_scale == 1 and source.dtype == plan.dtype
+                    and round(row_bytes / scale / w / plan.dtype.itemsize * scale**2) == source.shape[1])
         if in_place and not self.tile:  # a strip of results waits for its last tile: keep it to a quarter
             tile = min(tile, max(plan.stride, int(working / 4 / row_bytes) // plan.stride * plan.stride))
         saved = None  # rows above the current strip, as they were before the strip above was overwritten
@@ -441,7 +523,7 @@ class Tiler:
                 self._core = ((y0 - a0) / fh, (y1 - a0) / fh, (x0 - b0) / fw, (x1 - b0) / fw)
                 window = source[..., a0:a1, b0:b1] if saved is None else \
                     torch.cat([saved[..., b0:b1], source[..., y0:a1, b0:b1]], dim=-2)
-                core = self._run(window, first, last, capture, at_norm)
+                core = self._run(window, modules, captured, at_norm)
                 del window
                 if capture is None:
                     continue
@@ -449,7 +531,8 @@ class Tiler:
                     strip.append(core)  # written once the whole strip is done: its tiles read these rows
                     continue
                 if out is None:
-                    out = core.new_empty(source.shape[0], core.shape[1], round(h / out_scale), round(w / out_scale))
+                    out = torch.empty(source.shape[0], core.shape[1], round(h / out_scale), round(w / out_scale),
+                                      dtype=core.dtype, device=core.device, memory_format=self.layout)
                 c0, c1, d0, d1 = (round(v / out_scale) for v in (y0, y1, x0, x1))
                 out[..., c0:c1, d0:d1] = core
             if in_place:
@@ -461,15 +544,16 @@ class Tiler:
                 source[..., y0:y1, :] = torch.cat(strip, dim=-1)
         return source if in_place else out
 
-    def _run(self, t: torch.Tensor, first: int, last: int, capture: int | None,
+    def _run(self, t: torch.Tensor, modules: nn.Sequential, capture: int | None,
              at_norm: bool = False) -> torch.Tensor | None:
-        """One tile through layers first..last: the core of layer `capture`'s output (if any), or with
-        `at_norm` of the measured norm's input."""
+        """One tile through `modules`: the core of module `capture`'s output (if any), or with `at_norm` of
+        the measured norm's input."""
         core, kept = self._core, None
         self.norms.core = core
+        t = t.contiguous(memory_format=self.layout)
         try:
-            for k in range(first, last + 1):
-                t = self.plan.layers[k](t)
+            for k, module in enumerate(modules):
+                t = module(t)
                 if k == capture:
                     h, w = t.shape[-2:]
                     top, bottom, left, right = core

@@ -38,6 +38,18 @@ def test_instance_norm_computes_in_fp32_under_bf16_autocast():
     torch.testing.assert_close(y, torch.nn.functional.instance_norm(x.bfloat16().float()), atol=1e-5, rtol=1e-5)
 
 
+def test_instance_norm_keeps_bf16_without_gradients():
+    """Inference (styleshift.stylizer's all-bf16 network) gets bf16 out, as accurate as rounding the fp32
+    result: the kernels accumulate in fp32, whatever the layout."""
+    x = torch.randn(1, 8, 40, 30) * 5 + 30
+    ref = torch.nn.functional.instance_norm(x.bfloat16().float())
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            y = InstanceNorm2d(8)(x.bfloat16().contiguous(memory_format=layout))
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+
+
 def one_step(cfg, precision, channels_last=False):
     torch.manual_seed(0)
     model = CycleGAN(cfg, Precision(torch.device("cpu"), precision), 10, 5)

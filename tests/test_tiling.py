@@ -70,6 +70,7 @@ def test_tiled_equals_untiled_and_has_no_seams(variant, checkpoints):
     net = perturbed(GeneratorConfig(ngf=8, **variant))
     plan = make_plan(net)
     assert any(plan.residual)
+    assert any(plan.tails)  # with two checkpoints, blocks run as x + tail(y): each convolution once
     x = padded(photo())
     tile = 32
     assert len(spans(x.shape[-1], tile, plan.stride)) >= 3  # tiles with real neighbours on both sides
@@ -182,3 +183,26 @@ def test_cli_tile_size(tiny_style, tmp_path):
         outputs[tile] = np.asarray(Image.open(dst), dtype=np.int16)
     assert outputs[0].shape == (61, 90, 3)
     assert np.abs(outputs[0] - outputs[16]).max() <= 1  # equal up to rounding to 8 bits
+
+
+@pytest.mark.parametrize("tile", [0, 40], ids=["whole", "tiled"])
+def test_bf16_stylizer_matches_fp32(tile):
+    """precision bf16 on a CPU runs an all-bf16, channels-last network (no autocast): within 35 dB of fp32,
+    whole or tiled, and the tiled bf16 result still matches the whole one."""
+    cfg = GeneratorConfig(arch="resnet_6blocks", ngf=8, n_blocks=2)
+    net = perturbed(cfg, seed=2)
+    style = Style(cfg, {"forward": net.state_dict(), "inverse": net.state_dict()})
+    x = photo(96, 136)
+    ref = Stylizer(style, device="cpu", precision="fp32", tile_size=0).stylize_tensor(x)
+    low = Stylizer(style, device="cpu", precision="bf16", tile_size=tile)
+    assert next(low.net.parameters()).dtype == torch.bfloat16
+    y = low.stylize_tensor(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert ref.std() > 0.05
+    assert psnr(ref, y) >= 35
+    if tile:
+        plan = low._plan
+        assert plan.dtype == torch.bfloat16 and any(plan.tails)
+        assert all(m in set(low.net.modules()) for m in plan.norms)  # the bf16 network's own modules
+        whole = Stylizer(style, device="cpu", precision="bf16", tile_size=0).stylize_tensor(x)
+        assert psnr(whole, y) >= 40

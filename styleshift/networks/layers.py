@@ -15,10 +15,12 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     channel per group (about 4x faster than F.instance_norm forward + backward), and for channels-last
     tensors a batch norm over the (H*W, C) view, which needs no layout copy.
 
-    Under mixed precision the statistics are always taken in fp32. On CPUs the output stays fp32 too, so
-    the padding, ReLU and residual additions that follow run in fp32 and only the convolutions (which
-    autocast casts) use the bf16 matrix units: those memory-bound ops have no fast bf16 backward kernels
-    on CPUs, which made a naive bf16 training step slower than fp32.
+    Under mixed precision the statistics are always taken in fp32. When training on a CPU the output stays
+    fp32 too, so the padding, ReLU and residual additions that follow run in fp32 and only the convolutions
+    (which autocast casts) use the bf16 matrix units: those memory-bound ops have no fast bf16 backward
+    kernels on CPUs, which made a naive bf16 training step slower than fp32. Without gradients (inference)
+    the output keeps the input's dtype: the group and batch norm kernels accumulate in fp32 either way, and
+    an all-bf16 network then runs with no casts at all (styleshift.stylizer).
     """
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
@@ -27,7 +29,7 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             return F.instance_norm(x, eps=self.eps)  # exports as ONNX InstanceNormalization
-        if x.dtype in (torch.float16, torch.bfloat16):
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_grad_enabled():
             with torch.autocast(x.device.type, enabled=False):
                 y = self._normalise(x.float())
             return y if x.device.type == "cpu" else y.to(x.dtype)
