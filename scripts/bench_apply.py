@@ -7,14 +7,16 @@
 (a) a plain fp32 eager whole-picture forward of the reference ResNet-9 generator (nn.InstanceNorm2d, ngf 64,
     random weights) under torch.no_grad, as the reference's test.py runs it;
 (b) styleshift's Stylizer with its defaults (resnet_9blocks, precision auto, tiles sized to the memory
-    budget, whole-picture normalisation statistics: styleshift.tiling).
+    budget, whole-picture normalisation statistics: styleshift.tiling), called as `apply` calls it:
+    Stylizer.stylize on the decoded H x W x 3 uint8 pixels, returning uint8 pixels.
 Times: a and b alternate in one process so machine noise hits them alike; medians and b/a. Peak memory: the
 peak RSS (VmHWM) of a fresh process that builds the network and runs one forward at that size. PSNR: b against
-the Stylizer run whole (tile_size=0), i.e. what tiling changes. Then pictures per second end to end (decode,
-stylize, encode) through styleshift.apply.convert on a folder of photos.
+the Stylizer run whole (tile_size=0), i.e. what tiling changes, on the 8-bit results. Then pictures per second
+end to end (decode, stylize, encode) through styleshift.apply.convert on a folder of photos.
 
-On a CPU without bf16 matrix units, tiling cannot make the arithmetic cheaper (exact statistics cost about
-2x a plain forward's arithmetic, see styleshift.tiling); what it buys is bounded memory and no seams.
+Where the CPU has no bf16 units (precision auto = fp32), tiling cannot make the arithmetic cheaper (exact
+statistics cost more than a plain forward's arithmetic, see styleshift.tiling); what it buys is bounded
+memory and no seams.
 """
 
 from __future__ import annotations
@@ -49,25 +51,29 @@ def stylizer(**kwargs):
     return Stylizer(Style(cfg, {"forward": weights, "inverse": weights}), device="cpu", **kwargs)
 
 
-def picture(h: int, w: int) -> torch.Tensor:
-    """A real sample photo resized to h x w, in [-1, 1]."""
+def pixels(h: int, w: int):
+    """A real sample photo resized to h x w: H x W x 3 uint8, as styleshift.images decodes it."""
     import numpy as np
     from PIL import Image
 
     with Image.open(sorted((ROOT / "data/sample/photos").glob("*.jpg"))[4]) as im:
-        a = np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.float32)
-    return torch.from_numpy(a).permute(2, 0, 1)[None] / 127.5 - 1
+        return np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC))
+
+
+def picture(h: int, w: int) -> torch.Tensor:
+    """The same photo as a 1 x 3 x H x W float tensor in [-1, 1], the reference's input."""
+    return torch.from_numpy(pixels(h, w).astype("float32")).permute(2, 0, 1)[None] / 127.5 - 1
 
 
 def child(which: str, h: int, w: int) -> None:
     """Run in a fresh process: one forward, then print the peak RSS in MiB."""
-    x = picture(h, w)
     if which == "a":
+        x = picture(h, w)
         net = ref_generator().eval()
         with torch.no_grad():
             net(x)
     else:
-        stylizer().stylize_tensor(x)
+        stylizer().stylize(pixels(h, w))
     print(peak_rss_mib())
 
 
@@ -90,19 +96,19 @@ def peak_rss(which: str, h: int, w: int) -> float:
     return float(out.stdout.split()[-1])
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """PSNR of pictures in [-1, 1]; None when they are identical (JSON has no infinity)."""
-    mse = (a - b).pow(2).mean().item()
-    return 10 * math.log10(4.0 / mse) if mse > 0 else None
+def psnr(a, b) -> float | None:
+    """PSNR of two 8-bit pictures; None when they are identical (JSON has no infinity)."""
+    mse = float(((a.astype("float64") - b) ** 2).mean())
+    return 10 * math.log10(255.0**2 / mse) if mse > 0 else None
 
 
 def compare(h: int, w: int, reps: int) -> dict:
-    x = picture(h, w)
+    x, photo = picture(h, w), pixels(h, w)
     ref = ref_generator().eval()
     ours = stylizer()
     with torch.no_grad():  # warm-up: first-call allocations, and the Stylizer's one-off tiling probe
         ref(x[..., :64, :64])
-    ours.stylize_tensor(x[..., :64, :64])
+    ours.stylize(photo[:64, :64])
     times = {"a": [], "b": []}
     for _ in range(reps):
         t = time.perf_counter()
@@ -110,12 +116,12 @@ def compare(h: int, w: int, reps: int) -> dict:
             ref(x)
         times["a"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        y = ours.stylize_tensor(x)
+        y = ours.stylize(photo)
         times["b"].append(time.perf_counter() - t)
     whole = stylizer(tile_size=0)
     whole.net.load_state_dict(ours.net.state_dict())
     row = {"size": f"{h}x{w}", "time_a_s": statistics.median(times["a"]), "time_b_s": statistics.median(times["b"]),
-           "psnr_b_vs_untiled_db": psnr(y, whole.stylize_tensor(x))}
+           "psnr_b_vs_untiled_db": psnr(y, whole.stylize(photo))}
     del whole, y
     row["rss_a_mib"], row["rss_b_mib"] = peak_rss("a", h, w), peak_rss("b", h, w)
     row["time_ratio_b_a"] = row["time_b_s"] / row["time_a_s"]

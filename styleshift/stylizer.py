@@ -88,13 +88,29 @@ class Stylizer:
     def stylize(self, pixels: np.ndarray) -> np.ndarray:
         """H x W x 3 RGB, uint8 or uint16 -> the stylized picture, same size and dtype."""
         top = 65535.0 if pixels.dtype == np.uint16 else 255.0
-        x = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None].float()
-        x = x.mul_(2.0 / top).sub_(1.0)
-        run = self.stylize_onnx if self.engine_for(*x.shape[-2:]) == "onnx" else self.stylize_tensor
+        # H x W x 3 seen as 1 x 3 x H x W: a channels-last view, no copy
+        src = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None]
+        engine = self.engine_for(*src.shape[-2:])
+        if self.cast and engine == "torch" and self.strength == 1.0 and not self.preserve_color:
+            # Nothing needs the photo in fp32 afterwards: convert to and from the network's dtype a strip at
+            # a time. A 4096 x 4096 picture then never holds a 200 MB fp32 copy on either side of the network.
+            x = torch.empty(src.shape, dtype=self.precision.dtype, device=self.device,
+                            memory_format=torch.channels_last)
+            for rows in _strips(src.shape[-2]):
+                x[..., rows, :] = src[..., rows, :].float().mul_(2.0 / top).sub_(1.0)
+            del src
+            y = self._forward(x)
+            del x
+            out = np.empty_like(pixels)
+            for rows in _strips(y.shape[-2]):
+                out[rows] = _to_pixels(y[0, :, rows, :].float(), top).cpu().numpy()
+            return out
+        x = src.float().mul_(2.0 / top).sub_(1.0)
+        del src
+        run = self.stylize_onnx if engine == "onnx" else self.stylize_tensor
         y = self.finish(run(x), x)
         del x  # with y, and a third copy below, a 4096 x 4096 picture would hold 600 MB of floats
-        out = y[0].permute(1, 2, 0).add_(1.0).mul_(top / 2.0).round_().clamp_(0, top)  # in place: y is ours
-        return out.cpu().numpy().astype(pixels.dtype)
+        return _to_pixels(y[0], top).cpu().numpy().astype(pixels.dtype)  # in place: y is ours
 
     def finish(self, styled: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
         """The network's output with the photo's colours (if preserve_color), at the chosen strength."""
@@ -136,6 +152,10 @@ class Stylizer:
     def stylize_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """N x 3 x H x W in [-1, 1] -> the same shape. Padded to the network's stride, then cropped back,
         so the output keeps the input's exact size (never squashed)."""
+        return self._forward(x).float()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """stylize_tensor, its result in the network's dtype."""
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.multiple, min_side(self.multiple))
         if self.cast:
@@ -145,7 +165,7 @@ class Stylizer:
             return_freed_memory()
         with contextlib.nullcontext() if self.cast else self.precision.autocast():
             y = tiled_forward(self.net, x, self._plan, self.tile_size, budget) if tile else self.net(x)
-        return y[..., :h, :w].float()
+        return y[..., :h, :w]
 
     def _tiling(self, x: torch.Tensor) -> tuple[int, int]:
         """(tile side, memory budget) for a padded batch; tile side 0 runs it whole."""
@@ -164,3 +184,12 @@ class Stylizer:
         if self.tile_size is None:
             return choose_tile_size(h, w * x.shape[0], self._plan, budget, whole_picture_limit(self.device)), budget
         return (self.tile_size if self.tile_size < max(h, w) else 0), budget
+
+
+def _strips(height: int, rows: int = 256) -> list[slice]:
+    return [slice(r, r + rows) for r in range(0, height, rows)]
+
+
+def _to_pixels(y: torch.Tensor, top: float) -> torch.Tensor:
+    """3 x H x W fp32 in [-1, 1] (modified in place) -> H x W x 3 in 0..top, rounded, same dtype."""
+    return y.permute(1, 2, 0).add_(1.0).mul_(top / 2.0).round_().clamp_(0, top)
