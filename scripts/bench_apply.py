@@ -3,6 +3,8 @@
     python scripts/bench_apply.py            # 512^2, 1024^2, 1536x2048 (+ 4096^2 for b), 100 photos of 512^2
     python scripts/bench_apply.py --quick    # small sizes and few repetitions, for a smoke test
     python scripts/bench_apply.py --json out.json
+    python scripts/bench_apply.py --sizes 1536x2048 --reps 1    # only these comparisons
+    STYLESHIFT_CPU_BF16=0 python scripts/bench_apply.py         # as on a CPU without bf16 units (b in fp32)
 
 (a) a plain fp32 eager whole-picture forward of the reference ResNet-9 generator (nn.InstanceNorm2d, ngf 64,
     random weights) under torch.no_grad, as the reference's test.py runs it;
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 repetition, 8 photos of 256 px")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--reps", type=int, help="timed repetitions per size [3; 1 with --quick]")
+    ap.add_argument("--sizes", help="compare only these sizes, e.g. 1024x1024,1536x2048 (no 4096 px, no folder)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -165,7 +168,13 @@ def main() -> None:
     else:
         sizes, reps, big, folder = [(512, 512), (1024, 1024), (1536, 2048)], 3, (4096, 4096), (100, 512)
     reps = args.reps or reps
-    result = {"threads": torch.get_num_threads(), "sizes": []}
+    if args.sizes:
+        sizes, big, folder = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")], None, None
+    from styleshift.precision import resolve_precision
+
+    precision = resolve_precision("auto", torch.device("cpu"))
+    result = {"threads": torch.get_num_threads(), "precision_b": precision, "sizes": []}
+    print(f"{result['threads']} threads; b computes in {precision}")
     print(f"{'size':>10} {'a s':>7} {'b s':>7} {'b/a':>5} {'a MiB':>7} {'b MiB':>7} {'b/a':>5} {'PSNR dB':>8}")
     for h, w in sizes:
         r = compare(h, w, reps)
@@ -173,6 +182,10 @@ def main() -> None:
         print(f"{r['size']:>10} {r['time_a_s']:7.2f} {r['time_b_s']:7.2f} {r['time_ratio_b_a']:5.2f} "
               f"{r['rss_a_mib']:7.0f} {r['rss_b_mib']:7.0f} {r['rss_ratio_b_a']:5.2f} {r['psnr_b_vs_untiled_db'] or math.inf:8.1f}",
               flush=True)
+    if big is None:
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
     t = time.perf_counter()
     result["large"] = {"size": f"{big[0]}x{big[1]}", "rss_b_mib": peak_rss("b", *big),
                        "time_b_s_including_start": time.perf_counter() - t}
