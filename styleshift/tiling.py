@@ -28,19 +28,20 @@ the next block's first norm), about 2x a plain forward's arithmetic. When a seco
 fits too, a residual block x + norm2(tail(y)) (checked on a probe; y is its first norm's input) runs as two
 passes: one keeps y while norm1 is measured, the next runs the tail (norm1, ReLU, pad, conv, up to norm2)
 on tiles of y with a one-convolution halo, measures norm2 and writes its input z over y; then x += norm2(z)
-in place. Each convolution then runs once. (A block whose chain cannot be split keeps z only: its first
-convolution runs twice, about 1.5x.) Likewise a norm that is a layer of its own keeps its input, which
-becomes the next checkpoint, so the encoder and decoder run once where their larger maps fit. In bf16
-(styleshift.stylizer on CPUs with bf16 units) the buffers take half the bytes; ResNet-9 at 1536 x 2048 on an
-AVX512-BF16 CPU: 12-13 s tiled vs 8.5 s whole, 2 threads. Measured on one CPU thread, ResNet-9 ngf 64 on a 1024 x 1024 photo mosaic:
-27.6 s tiled vs 15.8 s whole (1.75x), PSNR 129 dB (largest difference 9e-6). Memory: the checkpoint(s)
-plus one tile's forward, whatever the picture's size.
+in place. Each convolution then runs once, except the first block's first, which runs with the
+encoder's last pass. (A block whose chain cannot be split keeps z only: its first convolution runs twice,
+about 1.5x.) Likewise a norm that is a layer of its own keeps its input, which becomes the next checkpoint,
+so the encoder and decoder run once where their larger maps fit. Measured on one CPU thread, fp32, before
+the split blocks: ResNet-9 ngf 64 on a 1024 x 1024 photo mosaic, 27.6 s tiled vs 15.8 s whole (1.75x), PSNR
+129 dB (largest difference 9e-6). In bf16 (styleshift.stylizer on CPUs with bf16 units) the buffers take
+half the bytes; ResNet-9 at 1536 x 2048 on a 2-core AVX512-BF16 CPU: 12 s tiled vs 8.5 s whole. Memory: the
+checkpoint(s) plus one tile's forward, whatever the picture's size.
 
 When even the checkpoint exceeds three quarters of the memory budget (beyond about 4.7 megapixels for ngf 64
-in fp32, 9.4 in bf16, with the default CPU budget), the statistics are instead taken once on a copy of the picture downscaled
-(area average) to fit: still seamless, since every tile uses the same statistics, but no longer equal to the
-untiled output (random-weight ResNet-9 on a 1024 px photo mosaic: 27.8 dB PSNR with statistics from a 756 px
-copy, 24.6 dB from 308 px). Re-measuring such estimates at full resolution (fixed-point iteration) made
+in fp32, 9.4 in bf16, with the default CPU budget), the statistics are instead taken once on a copy of the
+picture downscaled (area average) to fit: still seamless, since every tile uses the same statistics, but no
+longer equal to the untiled output (random-weight ResNet-9 on a 1024 px photo mosaic: 27.8 dB PSNR with
+statistics from a 756 px copy, 24.6 dB from 308 px). Re-measuring such estimates at full resolution (fixed-point iteration) made
 them worse, not better, so it is not offered.
 """
 
@@ -78,7 +79,7 @@ class Plan:
     stride: int  # total downsampling factor; tile corners sit on multiples of it
     bytes_per_pixel: float  # peak working memory of a forward, per input pixel
     layer_bytes_per_pixel: tuple[float, ...]  # the same for each layer alone
-    out_bytes_per_pixel: tuple[float, ...]  # each layer's output, per input pixel (fp32)
+    out_bytes_per_pixel: tuple[float, ...]  # each layer's output, per input pixel (in `dtype`)
     checkpoint_bytes_per_pixel: float  # the largest lowest-resolution layer output, per input pixel
     out_channels: int
     # per layer: True when it computes x + norm(z) with its last instance norm last (a residual block), so
@@ -153,16 +154,15 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
              for m in layers.modules() if next(m.children(), None) is None]
 
     def on_norm(m, i, o):  # returns None: a forward hook's return value would replace the output
-        norms.append((current[0], m, i[0].shape))
+        norms.append((current[0], m, i[0]))
         last_norm_input[current[0]] = (m, i[0])
 
     hooks += [m.register_forward_hook(on_norm) for m in layers.modules() if isinstance(m, nn.InstanceNorm2d)]
     try:
-        h, scales, residual, out_bytes, in_shapes = x, [], [], [], []
+        h, scales, residual, out_bytes, ends = x, [], [], [], []
         for k, layer in enumerate(layers):
             current[0] = k
             before, calls = h, len(leaves)
-            in_shapes.append(h.shape)
             h = layer(h)
             scales.append(_scale(probe, h.shape[-1]))
             out_bytes.append(4 * h.numel() / probe**2)
@@ -171,6 +171,7 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
                             and h.shape == before.shape == z.shape
                             and torch.allclose(h, before + F.instance_norm(z, eps=norm.eps), atol=1e-5)
                             and not norm.affine)
+            ends.append((before, h))
     finally:
         for hook in hooks:
             hook.remove()
@@ -182,23 +183,27 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
         peak[k] = max(peak[k], 1.25 * (math.prod(i) + math.prod(o)) * 4 / probe**2)
     stride = round(max(scales))
     checkpoint = max((b for b, s in zip(out_bytes, scales) if s == stride), default=0.0)
-    tails = tuple(_tail(layer, [(m, shape) for j, m, shape in norms if j == k], in_shapes[k], scales[k])
+    tails = tuple(_tail(layer, [(m, y) for j, m, y in norms if j == k], *ends[k], scales[k])
                   if residual[k] else None for k, layer in enumerate(layers))
     return Plan(layers, tuple(reach), tuple(scales), tuple(k for k, _, _ in norms), tuple(m for _, m, _ in norms),
                 stride, max(peak), tuple(peak), tuple(out_bytes), checkpoint, h.shape[1], tuple(residual),
                 tails=tails)
 
 
-def _tail(block: nn.Module, norms: list, in_shape: torch.Size, scale: float) -> tuple[nn.Sequential, float] | None:
-    """For a residual block (checked on the probe) whose chain holds two norms, the second one last, and whose
-    first norm's input has the block input's shape: the chain from the first norm on, and its reach."""
+def _tail(block: nn.Module, norms: list, before: torch.Tensor, after: torch.Tensor,
+          scale: float) -> tuple[nn.Sequential, float] | None:
+    """For a residual block whose chain holds two norms, the second one last: the chain from the first norm on
+    and its reach, when the block's output on the probe is its input plus that tail of the first norm's
+    input y, and y has the input's shape (so the tail's result can be written over y)."""
     chain = as_layers(block)
-    if chain is None or len(norms) != 2 or chain[-1] is not norms[1][0] or norms[0][1] != in_shape:
+    if chain is None or len(norms) != 2 or chain[-1] is not norms[1][0] or norms[0][1].shape != before.shape:
         return None
     start = next((j for j, m in enumerate(chain) if m is norms[0][0]), None)
     if start is None:
         return None
     tail = nn.Sequential(*chain[start:])
+    if not torch.allclose(after, before + tail(norms[0][1]), atol=1e-5):
+        return None
     reach = sum(_radius(m, False) for m in tail.modules() if next(m.children(), None) is None) * scale
     return tail, reach
 
@@ -345,6 +350,11 @@ class NormStats:
         c, h, w = v.shape[-3:]
         rows = max(1, (1 << 17) // max(1, w * c))  # 512 KiB chunks: in cache, and below the mmap threshold
         with torch.autocast(v.device.type, enabled=False):
+            if v.device.type != "cpu":  # one reduction: chunks would be many tiny kernel launches on a GPU
+                var, mean = torch.var_mean(v.float(), dim=(0, 2, 3), correction=0)
+                n = v[0, 0].numel()
+                self._merge(mean.double()[None], var.double()[None] * n, n)
+                return
             for r in range(0, h, rows):
                 chunk = v[0, :, r:r + rows, :].permute(1, 2, 0).reshape(-1, c).float()
                 mean = chunk.mean(0)  # then squared deviations from it: no cancellation; 5x var_mean's speed
@@ -368,10 +378,11 @@ class NormStats:
     def record(self, layers: nn.Sequential, x: torch.Tensor) -> None:
         """Whole-picture statistics of `x` (a downscaled copy) for every norm, in one forward."""
         def forward(i, m, h):
-            with torch.autocast(h.device.type, enabled=False):
-                var, mean = torch.var_mean(h.float(), dim=(2, 3), correction=0)
-            self.stats[i] = (mean[0], var[0])
-            return self._apply(m, h, mean[0], var[0])
+            self.sums = [0.0, 0.0, 0]
+            self._add_up(h)  # no fp32 copy of a bf16 map
+            mean, m2, n = self.sums
+            self.stats[i] = (mean.float()[0], (m2 / n).float()[0])
+            return self._apply(m, h, *self.stats[i])
         for i, m in enumerate(self.norms):
             m.forward = (lambda i, m: lambda h: forward(i, m, h))(i, m)
         try:
@@ -386,8 +397,8 @@ class NormStats:
         # channel: one pass in fp32 arithmetic, its output in the input's dtype and layout (as styleshift's
         # InstanceNorm2d gives it without gradients; its docstring says why), with no fp32 copy of a bf16 tile.
         with torch.autocast(x.device.type, enabled=False):
-            return F.batch_norm(x, mean, var, m.weight if m.affine else None, m.bias if m.affine else None,
-                                training=False, eps=m.eps)
+            weight, bias = (m.weight.float(), m.bias.float()) if m.affine else (None, None)
+            return F.batch_norm(x, mean, var, weight, bias, training=False, eps=m.eps)
 
 
 def downscale_to_fit(x: torch.Tensor, plan: Plan, budget: int) -> torch.Tensor:
@@ -421,9 +432,10 @@ class Tiler:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         self.norms = norms = NormStats(plan.norms)
-        # Tiles and buffers in the input's layout: a channels-last network would reorder every tile otherwise.
-        self.layout = torch.channels_last if not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last) else torch.contiguous_format
+        # Tiles and buffers in the network's layout: its convolutions would reorder every tile otherwise.
+        weight = next((p for p in plan.layers.parameters() if p.dim() == 4), None)
+        self.layout = torch.channels_last if weight is not None and not weight.is_contiguous() and \
+            weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         h, w = x.shape[-2:]
         checkpoint = plan.checkpoint_bytes_per_pixel * h * w
         exact = checkpoint <= 0.75 * self.budget
@@ -447,7 +459,7 @@ class Tiler:
                     continue
                 last_in_layer = i + 1 == len(plan.norms) or plan.norm_layer[i + 1] != layer
                 tail = plan.tails[layer] if plan.tails else None
-                if (first == layer and tail is not None and not last_in_layer and scale == plan.stride
+                if (0 < first == layer and tail is not None and not last_in_layer and scale == plan.stride
                         and 2 * checkpoint <= 0.75 * self.budget):
                     # A residual block x + tail(y): keep its first norm's input y while measuring that norm,
                     # then run the tail on y (its halo is one convolution's), measuring the last norm and
@@ -463,8 +475,8 @@ class Tiler:
                     del y, z
                     first, measured = first + 1, i + 1
                     continue
-                if (first == layer and last_in_layer and plan.residual[layer] and scale == plan.stride
-                        and 2 * checkpoint <= 0.75 * self.budget):
+                if (0 < first == layer and last_in_layer and plan.residual[layer] and scale == plan.stride
+                        and 2 * checkpoint <= 0.75 * self.budget):  # first > 0: x is ours to update
                     # A residual block's last norm: keep its input z while measuring it, then the block's
                     # output is x + norm(z), a pointwise update of the checkpoint. Each block's convolutions
                     # then run 1.5 times instead of 2, for a second checkpoint-sized buffer.
@@ -518,12 +530,13 @@ class Tiler:
         tall = wide = tile
         if in_place and not self.tile:
             # A strip of results waits for its last tile: keep its height to a quarter of the working memory.
-            # Strips under 48 feature rows get tiles widened to the same area (their forward's memory), so
-            # the convolutions still get large inputs: square tiles of the strip's height ran the fp32
-            # ResNet-9 trunk at 1536 x 2048 in 12 x 12 px pieces (65 s in all; 46 s widened).
+            # Strips under 48 feature rows get tiles widened to the same area with their halos (their
+            # forward's memory), so the convolutions still get large inputs: square tiles of the strip's
+            # height ran the fp32 ResNet-9 trunk at 1536 x 2048 in 12 x 12 px pieces (65 s; 46 s widened).
             tall = min(tile, max(plan.stride, int(working / 4 / row_bytes) // plan.stride * plan.stride))
             if tall < 48 * scale:
-                wide = max(tile, tile * tile // tall // plan.stride * plan.stride)
+                rim = 2 * halo * scale
+                wide = max(tile, int((tile + rim) ** 2 / (tall + rim) - rim) // plan.stride * plan.stride)
         saved = None  # rows above the current strip, as they were before the strip above was overwritten
         for y0, y1 in spans(h, max(tall // scale, align), align):
             a0, a1 = max(y0 - halo, 0), min(y1 + halo, h)

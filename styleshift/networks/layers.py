@@ -18,9 +18,9 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     Under mixed precision the statistics are always taken in fp32. When training on a CPU the output stays
     fp32 too, so the padding, ReLU and residual additions that follow run in fp32 and only the convolutions
     (which autocast casts) use the bf16 matrix units: those memory-bound ops have no fast bf16 backward
-    kernels on CPUs, which made a naive bf16 training step slower than fp32. Without gradients (inference)
-    the output keeps the input's dtype: the group and batch norm kernels accumulate in fp32 either way, and
-    an all-bf16 network then runs with no casts at all (styleshift.stylizer).
+    kernels on CPUs, which made a naive bf16 training step slower than fp32. A network converted to bf16 and
+    run without gradients or autocast (styleshift.stylizer's CPU inference) keeps its dtype: the group and
+    batch norm kernels accumulate in fp32 either way, and it then runs with no casts at all.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
@@ -29,7 +29,8 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             return F.instance_norm(x, eps=self.eps)  # exports as ONNX InstanceNormalization
-        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_grad_enabled():
+        if x.dtype in (torch.float16, torch.bfloat16) and (torch.is_grad_enabled()
+                                                           or torch.is_autocast_enabled(x.device.type)):
             with torch.autocast(x.device.type, enabled=False):
                 y = self._normalise(x.float())
             return y if x.device.type == "cpu" else y.to(x.dtype)
