@@ -97,7 +97,7 @@ class Stylizer:
             x = torch.empty(src.shape, dtype=self.precision.dtype, device=self.device,
                             memory_format=torch.channels_last)
             for rows in _strips(src.shape[-2]):
-                x[..., rows, :] = src[..., rows, :].float().mul_(2.0 / top).sub_(1.0)
+                x[..., rows, :] = _from_pixels(src[..., rows, :], top)
             del src
             y = self._forward(x)
             del x
@@ -105,7 +105,7 @@ class Stylizer:
             for rows in _strips(y.shape[-2]):
                 out[rows] = _to_pixels(y[0, :, rows, :].float(), top).cpu().numpy()
             return out
-        x = src.float().mul_(2.0 / top).sub_(1.0)
+        x = _from_pixels(src, top)
         del src
         run = self.stylize_onnx if engine == "onnx" else self.stylize_tensor
         y = self.finish(run(x), x)
@@ -188,6 +188,11 @@ class Stylizer:
 
 def _strips(height: int, rows: int = 256) -> list[slice]:
     return [slice(r, r + rows) for r in range(0, height, rows)]
+
+
+def _from_pixels(x: torch.Tensor, top: float) -> torch.Tensor:
+    """Pixel values in 0..top (any integer dtype) -> fp32 in [-1, 1], the network's range."""
+    return x.float().mul_(2.0 / top).sub_(1.0)
 
 
 def _to_pixels(y: torch.Tensor, top: float) -> torch.Tensor:

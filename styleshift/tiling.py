@@ -41,8 +41,8 @@ When even the checkpoint exceeds three quarters of the memory budget (beyond abo
 in fp32, 9.4 in bf16, with the default CPU budget), the statistics are instead taken once on a copy of the
 picture downscaled (area average) to fit: still seamless, since every tile uses the same statistics, but no
 longer equal to the untiled output (random-weight ResNet-9 on a 1024 px photo mosaic: 27.8 dB PSNR with
-statistics from a 756 px copy, 24.6 dB from 308 px). Re-measuring such estimates at full resolution (fixed-point iteration) made
-them worse, not better, so it is not offered.
+statistics from a 756 px copy, 24.6 dB from 308 px). Re-measuring such estimates at full resolution
+(fixed-point iteration) made them worse, not better, so it is not offered.
 """
 
 from __future__ import annotations
@@ -149,13 +149,12 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
     # Random, not zeros: a freshly initialised net (zero biases) maps zeros to zeros, proving nothing below.
     x = torch.randn(1, in_channels, probe, probe, generator=torch.Generator().manual_seed(0))
     x = x.to(param.device if param is not None else "cpu")
-    leaves, norms, current, last_norm_input = [], [], [0], {}
+    leaves, norms, current = [], [], [0]  # norms: (layer, module, its input) in execution order
     hooks = [m.register_forward_hook(lambda m, i, o: leaves.append((current[0], m, i[0].shape, o.shape)))
              for m in layers.modules() if next(m.children(), None) is None]
 
     def on_norm(m, i, o):  # returns None: a forward hook's return value would replace the output
         norms.append((current[0], m, i[0]))
-        last_norm_input[current[0]] = (m, i[0])
 
     hooks += [m.register_forward_hook(on_norm) for m in layers.modules() if isinstance(m, nn.InstanceNorm2d)]
     try:
@@ -166,7 +165,7 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
             h = layer(h)
             scales.append(_scale(probe, h.shape[-1]))
             out_bytes.append(4 * h.numel() / probe**2)
-            norm, z = last_norm_input.get(k, (None, None))
+            norm, z = next(((m, y) for j, m, y in reversed(norms) if j == k), (None, None))  # its last norm
             residual.append(norm is not None and leaves[-1][1] is norm and len(leaves) > calls
                             and h.shape == before.shape == z.shape
                             and torch.allclose(h, before + F.instance_norm(z, eps=norm.eps), atol=1e-5)
@@ -217,10 +216,13 @@ def _low_precision_plan(net: nn.Module, layers: nn.Sequential, dtype: torch.dtyp
     plan = make_plan(copy, in_channels, probe)
     name_of = {id(m): name for name, m in copy.named_modules()}
     own = dict(net.named_modules())
+
+    def ours(modules):
+        return tuple(own[name_of[id(m)]] for m in modules)
+
     k = dtype.itemsize / 4
-    tails = tuple(None if t is None else (nn.Sequential(*(own[name_of[id(m)]] for m in t[0])), t[1])
-                  for t in plan.tails)
-    return replace(plan, layers=layers, norms=tuple(own[name_of[id(m)]] for m in plan.norms), dtype=dtype, tails=tails,
+    tails = tuple(None if t is None else (nn.Sequential(*ours(t[0])), t[1]) for t in plan.tails)
+    return replace(plan, layers=layers, norms=ours(plan.norms), dtype=dtype, tails=tails,
                    bytes_per_pixel=plan.bytes_per_pixel * k,
                    layer_bytes_per_pixel=tuple(b * k for b in plan.layer_bytes_per_pixel),
                    out_bytes_per_pixel=tuple(b * k for b in plan.out_bytes_per_pixel),
@@ -511,10 +513,12 @@ class Tiler:
         plan = self.plan
         align = plan.stride // scale  # tile corners on multiples of the stride, in source pixels
         end = max(last, capture or 0)
-        reach = tail[1] if tail is not None else plan.halo_between(first, end)
+        if tail is not None:
+            (modules, reach), captured = tail, len(tail[0]) - 1
+        else:
+            modules, reach = plan.layers[first:last + 1], plan.halo_between(first, end)
+            captured = None if capture is None else capture - first
         halo = math.ceil(reach / scale / align) * align
-        modules = tail[0] if tail is not None else plan.layers[first:last + 1]
-        captured = None if capture is None else len(modules) - 1 if tail is not None else capture - first
         h, w = source.shape[-2:]
         # Tiles may take what the buffers leave of the budget; low-resolution layers take far larger tiles.
         held = source.numel() * source.element_size()
