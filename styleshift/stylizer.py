@@ -14,11 +14,11 @@ from .checkpoint import Style, load_style
 from .colour import blend, preserve_colour
 from .engine import (ENGINES, OnnxNet, cached_onnx, faster_engine, min_side, onnx_available, pad_to_multiple,
                      require_onnx)
+from .heap import keep_freed_memory, return_freed_memory
 from .images import Picture
 from .kernels import accelerate
 from .precision import Precision, resolve_device
-from .tiling import (choose_tile_size, make_plan, return_freed_memory, tiled_forward, whole_picture_limit,
-                     working_memory)
+from .tiling import choose_tile_size, make_plan, tiled_forward, whole_picture_limit, working_memory
 
 
 class Stylizer:
@@ -161,9 +161,13 @@ class Stylizer:
         if self.cast:
             x = x.to(self.precision.dtype, memory_format=torch.channels_last)
         tile, budget = self._tiling(x)
-        if tile and self.device.type == "cpu":
-            return_freed_memory()
-        with contextlib.nullcontext() if self.cast else self.precision.autocast():
+        heap = contextlib.nullcontext()
+        if self.device.type == "cpu":  # see styleshift.heap: speed for whole pictures, memory for tiled ones
+            if tile:
+                return_freed_memory()
+            else:
+                heap = keep_freed_memory()
+        with heap, contextlib.nullcontext() if self.cast else self.precision.autocast():
             y = tiled_forward(self.net, x, self._plan, self.tile_size, budget) if tile else self.net(x)
         return y[..., :h, :w]
 
