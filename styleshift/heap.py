@@ -8,11 +8,19 @@ already touched, and a ResNet-9 forward at 1024 x 1024 spent 0.8 s of its 2.8 s 
 
 Two policies, chosen per picture by the Stylizer:
 - keep_freed_memory: while a picture runs whole, freed blocks stay with the process and are reused by the
-  next layers (the forward above: 2.8 s -> 2.1 s, peak RSS 0.90 -> 1.02 GB). Handed back after each
-  picture rather than kept for the next: glibc's aligned blocks fragment (a freed block falls a little
-  short of the next aligned request of its size, and small allocations settle in it), so five rounds of
-  one 96 MiB tensor could leave five copies resident.
+  next layers (the forward above: 2.8 s -> 2.1 s; peak RSS 0.96-1.29 GB instead of 0.90 GB, varying with
+  how the heap fragments, so the Stylizer keeps only where 2.25 times the forward's estimate fits). Handed
+  back after each picture rather than kept for the next: glibc's aligned blocks fragment (a freed block
+  falls a little short of the next aligned request of its size, and small allocations settle in it), so
+  five rounds of one 96 MiB tensor could leave five copies resident.
 - return_freed_memory: when a picture is tiled, memory is what matters, so large blocks are unmapped at once.
+
+What this does not do: the settings are the whole process's, so while a picture runs whole the decoding and
+encoding threads of a batch (styleshift.apply) allocate under them too, and a tiled picture in another
+thread would; threads other than the main one allocate from heaps of their own, which still map blocks above
+64 MiB, so the gain is the main thread's. Leaving restores glibc's documented defaults, not values set from
+outside (MALLOC_* variables, GLIBC_TUNABLES), and glibc's dynamic mmap threshold stays off from then on. An
+allocator preloaded in glibc's place (jemalloc, tcmalloc) ignores all of it.
 """
 
 from __future__ import annotations
@@ -28,8 +36,7 @@ from collections.abc import Iterator
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
-# glibc's defaults, restored afterwards (setting either also turns off its dynamic thresholds, which only
-# matter for programs that never set them).
+# glibc's defaults, restored on leaving (see above for what that cannot restore)
 DEFAULT_MMAP_MAX = 65536
 DEFAULT_TRIM_THRESHOLD = 128 * 1024
 

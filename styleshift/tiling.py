@@ -34,8 +34,8 @@ about 1.5x.) Likewise a norm that is a layer of its own keeps its input, which b
 so the encoder and decoder run once where their larger maps fit. Measured on one CPU thread, fp32, before
 the split blocks: ResNet-9 ngf 64 on a 1024 x 1024 photo mosaic, 27.6 s tiled vs 15.8 s whole (1.75x), PSNR
 129 dB (largest difference 9e-6). In bf16 (styleshift.stylizer on CPUs with bf16 units) the buffers take
-half the bytes; ResNet-9 at 1536 x 2048 on a 2-core AVX512-BF16 CPU: 12 s tiled vs 8.5 s whole. Memory: the
-checkpoint(s) plus one tile's forward, whatever the picture's size.
+half the bytes; ResNet-9 at 1536 x 2048 on a 2-core AVX512-BF16 CPU: 10.5-12.3 s tiled vs 5.9 s whole
+(1.1 vs 2.2 GiB peak). Memory: the checkpoint(s) plus one tile's forward, whatever the picture's size.
 
 When even the checkpoint exceeds three quarters of the memory budget (beyond about 4.7 megapixels for ngf 64
 in fp32, 9.4 in bf16, with the default CPU budget), the statistics are instead taken once on a copy of the
@@ -257,9 +257,10 @@ def working_memory(device: torch.device) -> int:
 
 
 # Pictures whose whole forward needs at most this much run whole even beyond the tiles' budget: exact tiling
-# costs 1.5-2.5x the arithmetic (halos, and the statistics passes above), worth paying only where memory
-# matters. 1 GiB (estimated) covers a ResNet-9 at 1024 x 1024 (0.7 GiB), which then runs in 0.8x the
-# reference's time instead of 1.3x, at the same peak memory.
+# costs time (halos, statistics passes, copies: 1.8x a whole forward for ResNet-9 at 1536 x 2048 in bf16),
+# worth paying only where memory matters. 1 GiB (estimated) covers a ResNet-9 at 1024 x 1024 (0.35 GiB in
+# bf16, 0.7 in fp32); styleshift.stylizer lets the whole forward keep its freed memory only where it fits
+# this limit with room for the heap's fragmentation.
 CPU_WHOLE_PICTURE = 1 << 30
 
 
@@ -300,6 +301,7 @@ class NormStats:
         self.core: tuple[float, float, float, float] = (0, 1, 0, 1)  # fractions of the tile: top, bottom, left, right
         self.sums: list = [0.0, 0.0, 0]
         self.keep, self.kept = False, None  # whether to keep the measured norm's input (core of the tile)
+        self.scratch = torch.empty(0)  # _add_up's fp32 chunks, reused from tile to tile
 
     def __enter__(self):
         for i, m in enumerate(self.norms):
@@ -328,10 +330,10 @@ class NormStats:
     def _add_up(self, v: torch.Tensor) -> None:
         """Merge the per-channel statistics of 1 x C x h x w `v` (a tile's core, any dtype and layout) into the
         running ones. On a CPU a few rows at a time: each chunk is copied into a reused fp32 matrix (positions x
-        channels, so the reduction runs along rows whatever the layout) that stays in cache; about 7x faster
+        channels, so the reduction runs along rows whatever the layout) that stays in the caches; about 7x faster
         than one var_mean over the strided core of a channels-last bf16 tile, and no tile-sized fp32 copy is
-        made. The chunks' statistics are combined once per tile: per-chunk merging made a 1536 x 2048 picture
-        run 13,000 chunks of some twenty tiny operations each, a second of its 12."""
+        made. The chunks' statistics are combined once per tile: per-chunk merging of 512 KiB chunks ran
+        13,000 chunks of some twenty tiny operations each for a 1536 x 2048 picture, a second of its 12."""
         c, h, w = v.shape[-3:]
         with torch.autocast(v.device.type, enabled=False):
             if v.device.type != "cpu":  # one reduction: chunks would be many tiny kernel launches on a GPU
@@ -339,8 +341,10 @@ class NormStats:
                 n = v[0, 0].numel()
                 self._merge(mean.double(), var.double() * n, n)
                 return
-            rows = max(1, min(h, (1 << 19) // max(1, w * c)))  # 2 MiB of fp32
-            chunk, deviation = torch.empty(2, rows * w, c)  # allocated once: no page faults per chunk
+            rows = max(1, min(h, (1 << 19) // max(1, w * c)))  # 2 MiB of fp32, or one row
+            if self.scratch.numel() < 2 * rows * w * c:  # kept for the next tiles: no page faults per chunk
+                self.scratch = torch.empty(2 * rows * w * c, dtype=torch.float32)
+            chunk, deviation = self.scratch[:2 * rows * w * c].view(2, rows * w, c)
             means, m2s, counts = [], [], []
             for r in range(0, h, rows):
                 part = v[0, :, r:r + rows, :].permute(1, 2, 0)  # rows x w x C
@@ -351,6 +355,8 @@ class NormStats:
                 means.append(mean)
                 m2s.append(torch.sub(x, mean, out=deviation[:n]).square_().sum(0))
                 counts.append(n)
+        if not counts:  # an empty core
+            return
         # The chunks' statistics combined exactly (the parallel form of the update in _merge), in fp64.
         n = torch.tensor(counts, dtype=torch.float64)[:, None]
         means, total = torch.stack(means).double(), n.sum()
@@ -576,7 +582,7 @@ class Tiler:
             t = t.contiguous(memory_format=self.layout)  # a padding or convolution copies its input anyway
         try:
             for k, module in enumerate(modules):
-                if kept is not None:
+                if capture is not None and k == capture + 1:
                     kept = kept.clone()  # the layers after `capture` may work in place
                 t = module(t)
                 if k == capture:
@@ -585,7 +591,7 @@ class Tiler:
                     kept = t[..., round(top * h):round(bottom * h), round(left * w):round(right * w)]
         except Stop:
             if at_norm:
-                return self.norms.kept
+                kept, self.norms.kept = self.norms.kept, None  # the view holds the whole tile: not a pass longer
         return kept
 
 

@@ -1,6 +1,7 @@
 """styleshift.heap: freed feature maps stay with the process while a picture runs whole, and are handed back
 afterwards (Linux with glibc only: elsewhere the context does nothing)."""
 
+import os
 import sys
 
 import numpy as np
@@ -11,15 +12,17 @@ from PIL import Image
 from conftest import PHOTOS
 from styleshift import heap
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or heap._glibc() is None,
-                                reason="glibc's malloc only")
+# glibc's malloc with its default settings only: not another allocator preloaded, nor tuned from outside
+TUNED = "LD_PRELOAD" in os.environ or any(k.startswith(("MALLOC_", "GLIBC_TUNABLES")) for k in os.environ)
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or heap._glibc() is None or TUNED,
+                                reason="glibc's malloc with its defaults only")
 
 BLOCK = 96 * 2**20  # above glibc's largest mmap threshold (32 MiB): by default it is unmapped when freed
 
 
 def rss() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def touched_then_freed() -> int:
@@ -44,15 +47,28 @@ def test_freed_memory_is_kept_inside_and_handed_back_after():
 
 
 def test_whole_pictures_run_inside_and_give_the_same_pixels(tiny_style, monkeypatch):
-    from styleshift.stylizer import Stylizer
+    from styleshift import stylizer
 
     with Image.open(PHOTOS[0]) as im:
         photo = np.asarray(im.convert("RGB").resize((96, 64)))
-    s = Stylizer(tiny_style, device="cpu", precision="fp32", tile_size=0)
-    depth = []
+    entered = []
+    monkeypatch.setattr(stylizer, "keep_freed_memory", lambda: (entered.append(1), heap.keep_freed_memory())[1])
+    s = stylizer.Stylizer(tiny_style, device="cpu", precision="fp32", tile_size=0)
+    depth = []  # heap._kept while the network runs on the picture (not on the tiling plan's probe)
     net = s.net.forward
-    monkeypatch.setattr(s.net, "forward", lambda x: (depth.append(heap._kept), net(x))[1])
+    monkeypatch.setattr(s.net, "forward", lambda x: (depth.append(heap._kept) if x.shape[-1] == 96 else None,
+                                                     net(x))[1])
     out = s.stylize(photo)
-    assert depth == [1] and heap._kept == 0
-    monkeypatch.setattr(heap, "_glibc", lambda: None)  # as on a system without glibc
+    assert depth == [1] and heap._kept == 0 and entered == [1]
+
+    # A picture whose kept peak might not fit the whole-picture limit runs whole without it, as do tiled ones.
+    monkeypatch.setattr(stylizer, "whole_picture_limit", lambda device: 1)
     assert np.array_equal(s.stylize(photo), out)
+    assert depth == [1, 0] and entered == [1]
+    tiled = stylizer.Stylizer(tiny_style, device="cpu", precision="fp32", tile_size=32)
+    tiled.stylize(photo)
+    assert entered == [1]
+
+    monkeypatch.setattr(heap, "_glibc", lambda: None)  # as on a system without glibc
+    monkeypatch.setattr(stylizer, "whole_picture_limit", lambda device: 1 << 40)
+    assert np.array_equal(s.stylize(photo), out) and entered == [1, 1]

@@ -109,7 +109,8 @@ def test_onnx_engine_without_onnxruntime_is_one_clear_line(tiny_style, tmp_path,
     src = tmp_path / "p.jpg"
     Image.open(PHOTOS[0]).convert("RGB").resize((40, 30)).save(src)
     code, out = run_cli("apply", src, "--style", tiny_style, "--engine", "onnx")
-    assert code == 2 and out.strip() == "error: the onnx engine needs onnxruntime and onnx: pip install 'styleshift[onnx]'"
+    assert code == 2
+    assert out.strip() == "error: the onnx engine needs onnxruntime and onnx: pip install 'styleshift[onnx]'"
     assert not (tmp_path / "p.tiny.jpg").exists()
 
 
