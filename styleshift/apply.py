@@ -204,9 +204,7 @@ def convert(jobs: list[Job], stylize: Callable[[Picture], Picture], overwrite: b
             while pending and (pending[0][1].done() or len(pending) > ahead):
                 record(*pending.popleft())
         while pending:
-            record(*pending.popleft())
-        if summary.stopped:
-            say(f"stopped: {summary.stopped}")
+            record(*pending.popleft())  # why it stopped is in the summary (Summary.line), said once
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()

@@ -165,6 +165,7 @@ def test_a_full_or_read_only_output_stops_apply_with_one_line(tiny_style, tmp_pa
                                        "--engine", "torch", "--quiet"])
     assert result.exit_code == 1
     assert f"stopped: cannot write {out}" in result.output and os.strerror(code) in result.output
+    assert result.output.count("stopped:") == 1  # said once, in the summary
     # It stopped, rather than failing every remaining file the same way: only the writes already under way
     # when the first failure came back (up to `ahead` = 2 queued behind it) were tried.
     assert len(writes) <= 5
