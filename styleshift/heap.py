@@ -7,12 +7,12 @@ of every memory-bound layer: cloning a 256 x 256 x 256 bf16 map took 8.7 ms, aga
 already touched, and a ResNet-9 forward at 1024 x 1024 spent 0.8 s of its 2.8 s in page faults.
 
 Two policies, chosen per picture by the Stylizer:
-- keep_freed_memory: while a picture runs whole, freed blocks stay with the process and are reused by the
-  next layers (the forward above: 2.8 s -> 2.1 s; peak RSS 0.96-1.29 GB instead of 0.90 GB, varying with
-  how the heap fragments, so the Stylizer keeps only where 2.25 times the forward's estimate fits). Handed
-  back after each picture rather than kept for the next: glibc's aligned blocks fragment (a freed block
-  falls a little short of the next aligned request of its size, and small allocations settle in it), so
-  five rounds of one 96 MiB tensor could leave five copies resident.
+- keep_freed_memory: while a picture runs whole, freed blocks stay with the process and are reused by the next
+  layers (the forward above: 2.8 s -> 2.1 s; peak RSS 0.96-1.29 GB instead of 0.90 GB, varying with how the
+  heap fragments, so the Stylizer keeps only where 2.25 times the forward's estimate fits a quarter of the
+  free memory). Handed back after each picture rather than kept for the next: glibc's aligned blocks fragment
+  (a freed block falls a little short of the next aligned request of its size, and small allocations settle in
+  it), so five rounds of one 96 MiB tensor could leave five copies resident.
 - return_freed_memory: when a picture is tiled, memory is what matters, so large blocks are unmapped at once.
 
 What this does not do: the settings are the whole process's, so while a picture runs whole the decoding and

@@ -259,8 +259,8 @@ def working_memory(device: torch.device) -> int:
 # Pictures whose whole forward needs at most this much run whole even beyond the tiles' budget: exact tiling
 # costs time (halos, statistics passes, copies: 1.8x a whole forward for ResNet-9 at 1536 x 2048 in bf16),
 # worth paying only where memory matters. 1 GiB (estimated) covers a ResNet-9 at 1024 x 1024 (0.35 GiB in
-# bf16, 0.7 in fp32); styleshift.stylizer lets the whole forward keep its freed memory only where it fits
-# this limit with room for the heap's fragmentation.
+# bf16, 0.7 in fp32: measured peaks run higher, and higher again where styleshift.stylizer lets the forward
+# keep its freed memory).
 CPU_WHOLE_PICTURE = 1 << 30
 
 

@@ -61,8 +61,9 @@ def test_whole_pictures_run_inside_and_give_the_same_pixels(tiny_style, monkeypa
     out = s.stylize(photo)
     assert depth == [1] and heap._kept == 0 and entered == [1]
 
-    # A picture whose kept peak might not fit the whole-picture limit runs whole without it, as do tiled ones.
-    monkeypatch.setattr(stylizer, "whole_picture_limit", lambda device: 1)
+    # A picture whose kept peak might not fit a quarter of the free memory runs whole without it, as do tiled
+    # ones.
+    monkeypatch.setattr(stylizer, "available_memory", lambda device: 4)
     assert np.array_equal(s.stylize(photo), out)
     assert depth == [1, 0] and entered == [1]
     tiled = stylizer.Stylizer(tiny_style, device="cpu", precision="fp32", tile_size=32)
@@ -70,5 +71,5 @@ def test_whole_pictures_run_inside_and_give_the_same_pixels(tiny_style, monkeypa
     assert entered == [1]
 
     monkeypatch.setattr(heap, "_glibc", lambda: None)  # as on a system without glibc
-    monkeypatch.setattr(stylizer, "whole_picture_limit", lambda device: 1 << 40)
+    monkeypatch.setattr(stylizer, "available_memory", lambda device: 1 << 40)
     assert np.array_equal(s.stylize(photo), out) and entered == [1, 1]
