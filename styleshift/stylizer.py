@@ -170,8 +170,8 @@ class Stylizer:
             x = x.to(self.precision.dtype, memory_format=torch.channels_last)
         tile, budget = self._tiling(x)
         heap = contextlib.nullcontext()
-        if self.device.type == "cpu":  # see styleshift.heap: speed for whole pictures, memory for tiled ones
-            if tile:
+        if self.device.type == "cpu":  # see styleshift.heap
+            if tile:  # the tiler keeps freed memory pass by pass where that is safe
                 return_freed_memory()
             elif self._may_keep_freed_memory(x):
                 heap = keep_freed_memory()

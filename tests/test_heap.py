@@ -61,15 +61,30 @@ def test_whole_pictures_run_inside_and_give_the_same_pixels(tiny_style, monkeypa
     out = s.stylize(photo)
     assert depth == [1] and heap._kept == 0 and entered == [1]
 
-    # A picture whose kept peak might not fit a quarter of the free memory runs whole without it, as do tiled
-    # ones.
+    # A picture whose kept peak might not fit a quarter of the free memory runs whole without it.
     monkeypatch.setattr(stylizer, "available_memory", lambda device: 4)
     assert np.array_equal(s.stylize(photo), out)
     assert depth == [1, 0] and entered == [1]
-    tiled = stylizer.Stylizer(tiny_style, device="cpu", precision="fp32", tile_size=32)
-    tiled.stylize(photo)
-    assert entered == [1]
 
     monkeypatch.setattr(heap, "_glibc", lambda: None)  # as on a system without glibc
     monkeypatch.setattr(stylizer, "available_memory", lambda device: 1 << 40)
     assert np.array_equal(s.stylize(photo), out) and entered == [1, 1]
+
+
+def test_exact_tiling_keeps_freed_memory_pass_by_pass(tiny_style, monkeypatch):
+    """The tiler's exact passes keep what their tiles free and hand it back between passes; the single pass
+    with estimated statistics (a picture too large for the checkpoints) keeps nothing."""
+    from styleshift import stylizer, tiling
+
+    with Image.open(PHOTOS[1]) as im:
+        photo = np.asarray(im.convert("RGB").resize((96, 64)))
+    trims = []
+    monkeypatch.setattr(tiling, "trim", lambda: trims.append(heap._kept))
+    exact = stylizer.Stylizer(tiny_style, device="cpu", precision="fp32", tile_size=32)
+    exact.stylize(photo)
+    assert len(trims) >= 2 and set(trims) == {1} and heap._kept == 0
+
+    trims.clear()
+    monkeypatch.setattr(stylizer, "working_memory", lambda device: 1)  # no room for a checkpoint
+    exact.stylize(photo)
+    assert trims == [0]
