@@ -34,8 +34,8 @@ about 1.5x.) Likewise a norm that is a layer of its own keeps its input, which b
 so the encoder and decoder run once where their larger maps fit. Measured on one CPU thread, fp32, before
 the split blocks: ResNet-9 ngf 64 on a 1024 x 1024 photo mosaic, 27.6 s tiled vs 15.8 s whole (1.75x), PSNR
 129 dB (largest difference 9e-6). In bf16 (styleshift.stylizer on CPUs with bf16 units) the buffers take
-half the bytes; ResNet-9 at 1536 x 2048 on a 2-core AVX512-BF16 CPU: 10.5-12.3 s tiled vs 5.9 s whole
-(1.1 vs 2.2 GiB peak). Memory: the checkpoint(s) plus one tile's forward, whatever the picture's size.
+half the bytes; ResNet-9 at 1536 x 2048 on a 2-core AVX512-BF16 CPU: 8.7-9.0 s tiled vs 5.9 s whole
+(1.2 vs 2.2 GiB peak). Memory: the checkpoint(s) plus one tile's forward, whatever the picture's size.
 
 When even the checkpoint exceeds three quarters of the memory budget (beyond about 4.7 megapixels for ngf 64
 in fp32, 9.4 in bf16, with the default CPU budget), the statistics are instead taken once on a copy of the
@@ -260,7 +260,7 @@ def working_memory(device: torch.device) -> int:
 
 
 # Pictures whose whole forward needs at most this much run whole even beyond the tiles' budget: exact tiling
-# costs time (halos, statistics passes, copies: 1.8x a whole forward for ResNet-9 at 1536 x 2048 in bf16),
+# costs time (halos, statistics passes, copies: 1.5x a whole forward for ResNet-9 at 1536 x 2048 in bf16),
 # worth paying only where memory matters. 1 GiB (estimated) covers a ResNet-9 at 1024 x 1024 (0.35 GiB in
 # bf16, 0.7 in fp32: measured peaks run higher, and higher again where styleshift.stylizer lets the forward
 # keep its freed memory).
