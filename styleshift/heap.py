@@ -17,12 +17,12 @@ How styleshift uses them:
   within each exact pass of styleshift.tiling, whose tiles keep and reuse what the tile before them freed;
   it is handed back (trim) before the next pass (1536 x 2048: 11.4 s -> 8.9 s, peak 1.10 -> 1.05-1.23 GiB).
 
-What this does not do: the settings are the whole process's, so while a picture runs whole the decoding and
-encoding threads of a batch (styleshift.apply) allocate under them too, and a tiled picture in another
-thread would; threads other than the main one allocate from heaps of their own, which still map blocks above
-64 MiB, so the gain is the main thread's. Leaving restores glibc's documented defaults, not values set from
-outside (MALLOC_* variables, GLIBC_TUNABLES), and glibc's dynamic mmap threshold stays off from then on. An
-allocator preloaded in glibc's place (jemalloc, tcmalloc) ignores all of it.
+What this does not do: the settings are the whole process's, so while a picture runs whole (or in an exact
+tiling pass) the decoding and encoding threads of a batch (styleshift.apply) allocate under them too, and a
+tiled picture in another thread would; threads other than the main one allocate from heaps of their own, which
+still map blocks above 64 MiB, so the gain is the main thread's. Leaving restores glibc's documented defaults,
+not values set from outside (MALLOC_* variables, GLIBC_TUNABLES), and glibc's dynamic mmap threshold stays off
+from then on. An allocator preloaded in glibc's place (jemalloc, tcmalloc) ignores all of it.
 """
 
 from __future__ import annotations

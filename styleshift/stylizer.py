@@ -207,7 +207,7 @@ class Stylizer:
         """Whether a padded batch run whole may keep its freed memory (styleshift.heap), trading memory for
         time: only where its peak then, KEPT_PEAK times the plan's estimate, fits a quarter of what is free.
         (Not the whole-picture limit: fp32 at 1024 x 1024 peaks above that already, and keeping then costs
-        it 10% more memory for 0.66x the time.)"""
+        it 14% more memory for 0.8x the time.)"""
         plan = self._get_plan(x.shape[1])
         return plan is not None and \
             KEPT_PEAK * plan.bytes_per_pixel * x[:, 0].numel() <= available_memory(self.device) / 4

@@ -504,7 +504,11 @@ class Tiler:
                 norms.finish()
                 if to is not None:
                     first, source, scale = to + 1, moved, plan.stride
-            return self._pass(source, first, scale, len(plan.layers) - 1, capture=len(plan.layers) - 1)
+            y = self._pass(source, first, scale, len(plan.layers) - 1, capture=len(plan.layers) - 1)
+            # Freed while freed memory is still kept, so the trim on leaving hands it back: freed after, the
+            # checkpoint could sit in the heap below the result, where glibc's trimming of the top cannot reach.
+            source = moved = None
+        return y
 
     @staticmethod
     def _add_normalised(x: torch.Tensor, z: torch.Tensor, norm: nn.Module, stats, rows: int = 64) -> None:
