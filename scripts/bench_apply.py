@@ -13,9 +13,9 @@
     Stylizer.stylize on the decoded H x W x 3 uint8 pixels, returning uint8 pixels.
 Times: a and b alternate in one process so machine noise hits them alike; medians and b/a. Peak memory: the
 peak RSS (VmHWM) of a fresh process that builds the network and runs one forward at that size, the largest of
---reps such processes. PSNR: b against
-the Stylizer run whole (tile_size=0), i.e. what tiling changes, on the 8-bit results. Then pictures per second
-end to end (decode, stylize, encode) through styleshift.apply.convert on a folder of photos.
+--reps such processes. PSNR: b against the Stylizer run whole (tile_size=0), i.e. what tiling changes, on the
+8-bit results. Then pictures per second end to end (decode, stylize, encode) through styleshift.apply.convert
+on a folder of photos.
 
 Where the CPU has no bf16 units (precision auto = fp32), tiling cannot make the arithmetic cheaper (exact
 statistics cost more than a plain forward's arithmetic, see styleshift.tiling); what it buys is bounded

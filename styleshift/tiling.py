@@ -65,11 +65,10 @@ from .heap import keep_freed_memory, trim
 CPU_WORKING_MEMORY = 384 * 2**20
 
 # Modules that map each pixel to itself (or only pad): they widen no receptive field.
+PADS = (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d, nn.ConstantPad2d)
 POINTWISE = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Identity, nn.Dropout,
-             nn.InstanceNorm2d, nn.GroupNorm, nn.BatchNorm2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-             nn.ZeroPad2d, nn.ConstantPad2d)
-PADS_AND_CONVS = (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.Conv2d,
-                  nn.ConvTranspose2d)
+             nn.InstanceNorm2d, nn.GroupNorm, nn.BatchNorm2d, *PADS)
+PADS_AND_CONVS = (*PADS, nn.Conv2d, nn.ConvTranspose2d)
 
 
 @dataclass(frozen=True)
@@ -383,10 +382,9 @@ class NormStats:
     def record(self, layers: nn.Sequential, x: torch.Tensor) -> None:
         """Whole-picture statistics of `x` (a downscaled copy) for every norm, in one forward."""
         def forward(i, m, h):
-            self.sums = [0.0, 0.0, 0]
+            self.measure(i)
             self._add_up(h)  # no fp32 copy of a bf16 map
-            mean, m2, n = self.sums
-            self.stats[i] = (mean.float(), (m2 / n).float())
+            self.finish()
             return self._apply(m, h, *self.stats[i])
         for i, m in enumerate(self.norms):
             m.forward = (lambda i, m: lambda h: forward(i, m, h))(i, m)
