@@ -14,8 +14,9 @@ How styleshift uses them:
   freed block falls a little short of the next aligned request of its size, and small allocations settle in
   it), so five rounds of one 96 MiB tensor could leave five copies resident.
 - Tiled pictures: memory is what matters, so large blocks are unmapped at once (return_freed_memory), except
-  within each exact pass of styleshift.tiling, whose tiles keep and reuse what the tile before them freed;
-  it is handed back (trim) before the next pass (1536 x 2048: 11.4 s -> 8.9 s, peak 1.10 -> 1.05-1.23 GiB).
+  within the exact passes of styleshift.tiling, whose tiles keep and reuse what the tile before them freed;
+  it is handed back (trim) before a pass that cuts its map into tiles of other shapes (1536 x 2048 in bf16:
+  11.4 s -> 7.0-8.1 s, peak 1.10 -> 1.14-1.24 GiB).
 
 What this does not do: the settings are the whole process's, so while a picture runs whole (or in an exact
 tiling pass) the decoding and encoding threads of a batch (styleshift.apply) allocate under them too, and a

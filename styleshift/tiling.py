@@ -28,14 +28,15 @@ the next block's first norm), about 2x a plain forward's arithmetic. When a seco
 fits too, a residual block x + norm2(tail(y)) (checked on a probe; y is its first norm's input) runs as two
 passes: one keeps y while norm1 is measured, the next runs the tail (norm1, ReLU, pad, conv, up to norm2)
 on tiles of y with a one-convolution halo, measures norm2 and writes its input z over y; then x += norm2(z)
-in place. Each convolution then runs once, except the first block's first, which runs with the
-encoder's last pass. (A block whose chain cannot be split keeps z only: its first convolution runs twice,
-about 1.5x.) Likewise a norm that is a layer of its own keeps its input, which becomes the next checkpoint,
-so the encoder and decoder run once where their larger maps fit. Measured on one CPU thread, fp32, before
-the split blocks: ResNet-9 ngf 64 on a 1024 x 1024 photo mosaic, 27.6 s tiled vs 15.8 s whole (1.75x), PSNR
-129 dB (largest difference 9e-6). In bf16 (styleshift.stylizer on CPUs with bf16 units) the buffers take
-half the bytes; ResNet-9 at 1536 x 2048 on a 2-core AVX512-BF16 CPU: 8.7-9.0 s tiled vs 5.9 s whole
-(1.2 vs 2.2 GiB peak). Memory: the checkpoint(s) plus one tile's forward, whatever the picture's size.
+in place. Each convolution then runs once (before the first block, the encoder's last norm and ReLU are
+applied to the checkpoint in place, rows at a time, to make it the block's input). (A block whose chain
+cannot be split keeps z only: its first convolution runs twice, about 1.5x.) Likewise a norm that is a
+layer of its own keeps its input, which becomes the next checkpoint, so the encoder and decoder run once
+where their larger maps fit. Measured on one CPU thread, fp32, before the split blocks: ResNet-9 ngf 64 on
+a 1024 x 1024 photo mosaic, 27.6 s tiled vs 15.8 s whole (1.75x), PSNR 129 dB (largest difference 9e-6).
+In bf16 (styleshift.stylizer on CPUs with bf16 units) the buffers take half the bytes; ResNet-9 at
+1536 x 2048 on a 2-core AVX512-BF16 CPU: 1.18x the time of a whole forward (8.1 vs 6.8 s in one run) at
+1.2 instead of 2.2 GiB peak. Memory: the checkpoint(s) plus one tile's forward, whatever the picture's size.
 
 When even the checkpoint exceeds three quarters of the memory budget (beyond about 4.7 megapixels for ngf 64
 in fp32, 9.4 in bf16, with the default CPU budget), the statistics are instead taken once on a copy of the
@@ -259,7 +260,7 @@ def working_memory(device: torch.device) -> int:
 
 
 # Pictures whose whole forward needs at most this much run whole even beyond the tiles' budget: exact tiling
-# costs time (halos, statistics passes, copies: 1.5x a whole forward for ResNet-9 at 1536 x 2048 in bf16),
+# costs time (halos, statistics passes, copies: 1.2x a whole forward for ResNet-9 at 1536 x 2048 in bf16),
 # worth paying only where memory matters. 1 GiB (estimated) covers a ResNet-9 at 1024 x 1024 (0.35 GiB in
 # bf16, 0.7 in fp32: measured peaks run higher, and higher again where styleshift.stylizer lets the forward
 # keep its freed memory).
@@ -445,11 +446,15 @@ class Tiler:
         if not exact and plan.norms:
             norms.record(plan.layers[:plan.norm_layer[-1] + 1], downscale_to_fit(x, plan, self.budget))
         # On a CPU the exact passes' tiles reuse what the tile before them freed (styleshift.heap), and what a
-        # pass freed goes back before the next, whose tiles differ in shape and would fit its holes badly:
-        # ResNet-9 at 1536 x 2048 in bf16 took 8.9 s with a peak RSS of 1.05-1.23 GiB, against 11.4 s and
-        # 1.10 GiB returning every feature map at once, and 7.6 s but 1.32-1.56 GiB keeping all until the
-        # end. (Not for the single pass of estimated statistics: 4096 x 4096 then peaked at 1.5 GiB.)
+        # pass freed goes back before the next unless that one cuts the same map into the same tiles: tiles
+        # of other shapes would fit its holes badly. ResNet-9 at 1536 x 2048 in bf16, whose trunk passes all
+        # cut alike: 7.0-8.1 s at a peak RSS of 1.14-1.24 GiB, against 8.2-9.1 s (same peak) handing memory back
+        # before every pass (1.4 million page faults, 0.4 now), 11.4 s returning every feature map at once,
+        # and 7.6 s but up to 1.56 GiB keeping all until the end. In fp32 the trunk's passes alternate
+        # between two tilings; keeping across them cost 0.25 GiB more and no time. (Not for the single pass
+        # of estimated statistics: 4096 x 4096 then peaked at 1.5 GiB.)
         keep = keep_freed_memory() if exact and x.device.type == "cpu" else contextlib.nullcontext()
+        self._grid = None  # the last pass's source shape and tile cores
         with norms, keep:
             first, source, scale = 0, x, 1  # the checkpoint: output of layers[:first], at `scale`
             measured = -1  # norms up to this one are measured already
@@ -468,8 +473,15 @@ class Tiler:
                     continue
                 last_in_layer = i + 1 == len(plan.norms) or plan.norm_layer[i + 1] != layer
                 tail = plan.tails[layer] if plan.tails else None
-                if (0 < first == layer and tail is not None and not last_in_layer and scale == plan.stride
-                        and 2 * checkpoint <= 0.75 * self.budget):
+                split = tail is not None and not last_in_layer and 2 * checkpoint <= 0.75 * self.budget
+                if split and 0 < first < layer and scale == plan.stride and _pointwise(plan.layers[first:layer]):
+                    # The block's input x is a few pointwise layers away (the encoder's last norm and ReLU):
+                    # apply them to the checkpoint in place, so the block splits as below. Measuring its first
+                    # norm while moving the checkpoint would run its first convolution twice (0.25 s of ResNet-9
+                    # at 1536 x 2048 in bf16, against 0.03 s for this).
+                    self._in_place(source, plan.layers[first:layer])
+                    first = layer
+                if (0 < first == layer and split and scale == plan.stride):
                     # A residual block x + tail(y): keep its first norm's input y while measuring that norm,
                     # then run the tail on y (its halo is one convolution's), measuring the last norm and
                     # writing its input z over y, and add x += norm(z). Each convolution runs once, for the
@@ -509,6 +521,12 @@ class Tiler:
         return y
 
     @staticmethod
+    def _in_place(x: torch.Tensor, pointwise: nn.Sequential, rows: int = 64) -> None:
+        """x = pointwise(x), a few rows at a time: no halo, no second full-size buffer."""
+        for r in range(0, x.shape[-2], rows):
+            x[..., r:r + rows, :] = pointwise(x[..., r:r + rows, :])
+
+    @staticmethod
     def _add_normalised(x: torch.Tensor, z: torch.Tensor, norm: nn.Module, stats, rows: int = 64) -> None:
         """x += norm(z) with fixed statistics, a few rows at a time so no third full-size buffer is made."""
         for r in range(0, x.shape[-2], rows):
@@ -522,7 +540,6 @@ class Tiler:
         `tail` (see Plan.tails), `source` is layer `first`'s first norm input and the tail runs instead,
         its result written over `source`."""
         plan = self.plan
-        trim()  # what the last pass's tiles freed (see __call__): this pass's tiles differ in shape
         align = plan.stride // scale  # tile corners on multiples of the stride, in source pixels
         end = max(last, capture or 0)
         if tail is not None:
@@ -553,11 +570,16 @@ class Tiler:
             if tall < 48 * scale:
                 rim = 2 * halo * scale
                 wide = max(tile, int((tile + rim) ** 2 / (tall + rim) - rim) // plan.stride * plan.stride)
+        rows, columns = spans(h, max(tall // scale, align), align), spans(w, max(wide // scale, align), align)
+        grid = (source.shape, rows, columns)
+        if grid != self._grid:  # see __call__: the last pass's tiles had other shapes
+            trim()
+        self._grid = grid
         saved = None  # rows above the current strip, as they were before the strip above was overwritten
-        for y0, y1 in spans(h, max(tall // scale, align), align):
+        for y0, y1 in rows:
             a0, a1 = max(y0 - halo, 0), min(y1 + halo, h)
             strip = torch.empty_like(source[..., y0:y1, :], memory_format=self.layout) if in_place else None
-            for x0, x1 in spans(w, max(wide // scale, align), align):
+            for x0, x1 in columns:
                 b0, b1 = max(x0 - halo, 0), min(x1 + halo, w)
                 fh, fw = a1 - a0, b1 - b0
                 self._core = ((y0 - a0) / fh, (y1 - a0) / fh, (x0 - b0) / fw, (x1 - b0) / fw)
@@ -605,6 +627,12 @@ class Tiler:
             if at_norm:
                 kept, self.norms.kept = self.norms.kept, None  # the view holds the whole tile: not a pass longer
         return kept
+
+
+def _pointwise(layers: nn.Sequential) -> bool:
+    """Whether every leaf maps each pixel to itself, keeping the shape (no pads)."""
+    return all(isinstance(m, POINTWISE) and not isinstance(m, PADS)
+               for m in layers.modules() if next(m.children(), None) is None)
 
 
 def _first_leaf(module: nn.Module) -> nn.Module:

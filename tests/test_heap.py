@@ -72,17 +72,28 @@ def test_whole_pictures_run_inside_and_give_the_same_pixels(tiny_style, monkeypa
 
 
 def test_exact_tiling_keeps_freed_memory_pass_by_pass(tiny_style, monkeypatch):
-    """The tiler's exact passes keep what their tiles free and hand it back between passes; the single pass
-    with estimated statistics (a picture too large for the checkpoints) keeps nothing."""
+    """The tiler's exact passes keep what their tiles free and hand it back when the next pass runs over
+    maps of another shape; the single pass with estimated statistics (a picture too large for the
+    checkpoints) keeps nothing."""
     from styleshift import stylizer, tiling
 
     with Image.open(PHOTOS[1]) as im:
         photo = np.asarray(im.convert("RGB").resize((96, 64)))
-    trims = []
+    trims, shapes = [], []
     monkeypatch.setattr(tiling, "trim", lambda: trims.append(heap._kept))
+    real_pass = tiling.Tiler._pass
+
+    def spy_pass(self, source, *args, **kwargs):
+        shapes.append(tuple(source.shape))
+        return real_pass(self, source, *args, **kwargs)
+
+    monkeypatch.setattr(tiling.Tiler, "_pass", spy_pass)
     exact = stylizer.Stylizer(tiny_style, device="cpu", precision="fp32", tile_size=32)
     exact.stylize(photo)
     assert len(trims) >= 2 and set(trims) == {1} and heap._kept == 0
+    # handed back where the maps change shape (the tiles with them), kept between passes over one shape
+    changes = 1 + sum(a != b for a, b in zip(shapes, shapes[1:]))
+    assert len(trims) == changes < len(shapes)
 
     trims.clear()
     monkeypatch.setattr(stylizer, "working_memory", lambda device: 1)  # no room for a checkpoint
