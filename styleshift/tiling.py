@@ -65,10 +65,11 @@ from .heap import keep_freed_memory, trim
 # machine happens to have, so that several processes (or a desktop) can run side by side.
 CPU_WORKING_MEMORY = 384 * 2**20
 
-# Modules that map each pixel to itself (or only pad): they widen no receptive field.
+# Modules that compute each pixel from that pixel alone, and those that also pad or take statistics: neither
+# widens a receptive field.
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Identity)
 PADS = (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d, nn.ConstantPad2d)
-POINTWISE = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Identity, nn.Dropout,
-             nn.InstanceNorm2d, nn.GroupNorm, nn.BatchNorm2d, *PADS)
+POINTWISE = (*ELEMENTWISE, nn.Dropout, nn.InstanceNorm2d, nn.GroupNorm, nn.BatchNorm2d, *PADS)
 PADS_AND_CONVS = (*PADS, nn.Conv2d, nn.ConvTranspose2d)
 
 
@@ -431,6 +432,7 @@ class Tiler:
 
     def __init__(self, plan: Plan, tile: int | None, budget: int) -> None:
         self.plan, self.tile, self.budget = plan, tile, budget
+        self._grid = None  # the last pass's source shape and tile cores (see __call__)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -474,7 +476,8 @@ class Tiler:
                 last_in_layer = i + 1 == len(plan.norms) or plan.norm_layer[i + 1] != layer
                 tail = plan.tails[layer] if plan.tails else None
                 split = tail is not None and not last_in_layer and 2 * checkpoint <= 0.75 * self.budget
-                if split and 0 < first < layer and scale == plan.stride and _pointwise(plan.layers[first:layer]):
+                if (split and 0 < first < layer and scale == plan.stride
+                        and _elementwise(plan.layers[first:layer], plan.norms)):
                     # The block's input x is a few pointwise layers away (the encoder's last norm and ReLU):
                     # apply them to the checkpoint in place, so the block splits as below. Measuring its first
                     # norm while moving the checkpoint would run its first convolution twice (0.25 s of ResNet-9
@@ -629,10 +632,16 @@ class Tiler:
         return kept
 
 
-def _pointwise(layers: nn.Sequential) -> bool:
-    """Whether every leaf maps each pixel to itself, keeping the shape (no pads)."""
-    return all(isinstance(m, POINTWISE) and not isinstance(m, PADS)
-               for m in layers.modules() if next(m.children(), None) is None)
+def _elementwise(layers: nn.Sequential, norms: tuple[nn.Module, ...]) -> bool:
+    """Whether `layers` map each pixel to a function of itself alone, so they may run on a few rows at a time:
+    a plain chain of activations and of the instance norms (fixed to their whole-picture statistics while
+    tiling). Not pads, nor group or batch norms, whose statistics would come from the rows at hand."""
+    def elementwise(m: nn.Module) -> bool:
+        if next(m.children(), None) is not None:
+            return type(m) is nn.Sequential  # a container that only chains its children
+        return isinstance(m, ELEMENTWISE) or (isinstance(m, nn.Dropout) and not m.training) or \
+            any(m is n for n in norms)
+    return all(elementwise(m) for m in layers.modules())
 
 
 def _first_leaf(module: nn.Module) -> nn.Module:
