@@ -432,7 +432,6 @@ class Tiler:
 
     def __init__(self, plan: Plan, tile: int | None, budget: int) -> None:
         self.plan, self.tile, self.budget = plan, tile, budget
-        self._grid = None  # the last pass's source shape and tile cores (see __call__)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -456,7 +455,7 @@ class Tiler:
         # between two tilings; keeping across them cost 0.25 GiB more and no time. (Not for the single pass
         # of estimated statistics: 4096 x 4096 then peaked at 1.5 GiB.)
         keep = keep_freed_memory() if exact and x.device.type == "cpu" else contextlib.nullcontext()
-        self._grid = None  # the last pass's source shape and tile cores
+        self._grid = None  # the last pass's source shape and tile cores: none yet, so the first pass trims
         with norms, keep:
             first, source, scale = 0, x, 1  # the checkpoint: output of layers[:first], at `scale`
             measured = -1  # norms up to this one are measured already
