@@ -14,7 +14,7 @@ from .checkpoint import Style, load_style
 from .colour import blend, preserve_colour
 from .engine import (ENGINES, OnnxNet, cached_onnx, faster_engine, min_side, onnx_available, pad_to_multiple,
                      require_onnx)
-from .heap import keep_freed_memory, return_freed_memory
+from .heap import hand_back, keep_freed_memory, return_freed_memory
 from .images import Picture
 from .kernels import accelerate
 from .precision import Precision, resolve_device
@@ -52,7 +52,6 @@ class Stylizer:
             raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength {strength} is outside 0..1")
-        self.style = style
         self.direction = direction
         # onnxruntime runs on the CPU here, so "auto" means the CPU for it.
         self.device = resolve_device("cpu" if engine == "onnx" and device == "auto" else device)
@@ -64,6 +63,11 @@ class Stylizer:
         self.engine, self.strength, self.preserve_color = engine, strength, preserve_color
         self.precision = Precision.resolve(precision, self.device)
         self.net = style.build(direction).to(self.device)
+        # Only this direction's fp32 weights stay (exporting to ONNX and its cache key need them), not both:
+        # on the CPU, the tensors just loaded into the network, so an fp32 network shares them rather than
+        # holding a second copy. A shipped style is 45 MB per direction.
+        weights = self.net.state_dict() if self.device.type == "cpu" else style.weights[direction]
+        self.style = replace(style, weights={direction: weights})
         # On a CPU, bf16 runs as an all-bf16 network in channels-last layout rather than under autocast:
         # autocast keeps fp32 weights and activations and casts before every convolution, and those casts,
         # fp32 norms and NCHW reorders took half the time of a ResNet-9 forward (1024 px, AVX512-BF16:
@@ -201,6 +205,8 @@ class Stylizer:
                 self._plan = make_plan(self.net, in_channels=channels)
             except ValueError as e:
                 self._plan_error = e
+            if self.device.type == "cpu":
+                hand_back()  # the probe's allocations, and for a bf16 network its fp32 copy
         return self._plan
 
     def _may_keep_freed_memory(self, x: torch.Tensor) -> bool:

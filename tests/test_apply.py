@@ -127,6 +127,19 @@ def test_style_is_found_by_run_name_directory_or_file(tiny_style, tmp_path, monk
     assert code == 2 and "not found" in out
 
 
+def test_a_stylizer_holds_one_copy_of_one_direction_s_weights(tiny_style):
+    style = load_style(tiny_style)
+    for precision in ("fp32", "bf16"):
+        s = Stylizer(style, direction="inverse", device="cpu", precision=precision)
+        kept = s.style.weights
+        assert list(kept) == ["inverse"] and set(style.weights) == {"forward", "inverse"}  # the caller's is intact
+        assert all(torch.equal(kept["inverse"][k], v) for k, v in style.weights["inverse"].items())
+        assert all(v.dtype == torch.float32 for v in kept["inverse"].values())  # what ONNX export needs
+    # in fp32 the network computes with those very tensors: no second copy
+    s = Stylizer(style, direction="inverse", device="cpu", precision="fp32")
+    assert all(p.data_ptr() == s.style.weights["inverse"][name].data_ptr() for name, p in s.net.named_parameters())
+
+
 def test_inverse_direction_uses_the_other_generator(tiny_style):
     pixels = np.asarray(Image.open(PHOTOS[1]).convert("RGB").resize((48, 32)))
     forward = Stylizer(tiny_style, device="cpu").stylize(pixels)

@@ -242,6 +242,73 @@ def test_split_residual_blocks_run_and_wide_strips_stay_exact(monkeypatch):
     assert any(w_len != h_len and wide > tall for (h_len, tall), (w_len, wide) in zip(sizes, sizes[1:]))
 
 
+def test_cpu_tiles_take_only_the_memory_their_halo_needs(monkeypatch):
+    """With memory to spare, a CPU pass's tiles take CPU_TILE_MEMORY (or what 32 halos a side need, if more),
+    not all the budget allows; the result is as exact, and the two passes of each split residual block still
+    cut its maps into the same tiles (so each reuses the memory the other freed)."""
+    from styleshift import tiling
+
+    net = perturbed(GeneratorConfig(ngf=8, arch="resnet_6blocks", n_blocks=2), seed=1)
+    plan = make_plan(net)
+    x = padded(photo(512, 640))
+    budget = 1 << 30  # everything fits: only the cap limits the tiles
+    sizes, grids = [], []
+    real_spans, real_pass = tiling.spans, tiling.Tiler._pass
+
+    def spy_spans(length, tile, align):
+        sizes.append(tile)
+        return real_spans(length, tile, align)
+
+    def spy_pass(self, *args, tail=None, **kwargs):
+        out = real_pass(self, *args, tail=tail, **kwargs)
+        shape, rows, columns = self._grid
+        grids.append((tail is not None, (shape, tuple(rows), tuple(columns))))
+        return out
+
+    monkeypatch.setattr(tiling, "spans", spy_spans)
+    monkeypatch.setattr(tiling.Tiler, "_pass", spy_pass)
+    cap = 3 << 20  # ngf 8: 370 px tiles in the residual blocks, above 32 of their halos
+    monkeypatch.setattr(tiling, "CPU_TILE_MEMORY", cap)
+    with torch.inference_mode():
+        whole = net(x)
+        tiled = tiled_forward(net, x, plan, None, budget)
+    assert psnr(whole, tiled) >= 100
+    assert max(sizes) < max(x.shape[-2:])  # the picture, which would fit the budget whole, was cut into tiles
+    widest = max(math.sqrt(cap / min(plan.layer_bytes_per_pixel)), 32 * plan.halo)
+    assert max(sizes) <= widest + plan.stride
+    tails = [k for k, (tail, _) in enumerate(grids) if tail]
+    assert len(tails) == 2
+    trunk = {grid for _, grid in grids[tails[0] - 1:tails[-1] + 1]}
+    assert len(trunk) == 1 and len(next(iter(trunk))[1]) > 1  # one tiling, block to block, of several tiles
+
+
+def test_residual_blocks_reuse_one_spare_map():
+    """Each residual block after the first keeps its first norm's input in the map the block before it freed,
+    rather than a new one (a fragmented heap then grows by a map)."""
+    from styleshift.tiling import Tiler
+
+    net = perturbed(GeneratorConfig(ngf=8, arch="resnet_6blocks", n_blocks=4), seed=3)
+    plan = make_plan(net)
+    x = padded(photo(200, 160))
+    budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * 2 / 0.75) + 1
+    tiler, fresh = Tiler(plan, 32, budget), []
+    real_buffer = tiler._buffer
+
+    def spy_buffer(shape, like):
+        spare = tiler._spare
+        out = real_buffer(shape, like)
+        fresh.append(out is not spare)
+        return out
+
+    tiler._buffer = spy_buffer
+    with torch.inference_mode():
+        whole = net(x)
+        tiled = tiler(x)
+    assert psnr(whole, tiled) >= 100
+    blocks = sum(t is not None for t in plan.tails)
+    assert blocks == 4 and len(fresh) - sum(fresh) == blocks - 1
+
+
 def test_only_elementwise_layers_are_applied_rows_at_a_time():
     """The layers before the first residual block are applied to the checkpoint a few rows at a time only
     when each pixel's result depends on that pixel alone: activations and the instance norms that tiling
