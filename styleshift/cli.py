@@ -40,6 +40,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     click.echo(f"warning: {message}", err=True)
 
 
+def run() -> None:
+    """The `styleshift` program (its console script, and `python -m styleshift`, which torchrun starts): the
+    command, then in a process that joined a torchrun job, an exit without the interpreter's teardown (see
+    styleshift.distributed.leave). Callers that run `main` themselves (tests, other programs) are unaffected."""
+    try:
+        main(prog_name="styleshift")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    from . import distributed as dist
+
+    if dist.joined():
+        dist.leave(code)
+    sys.exit(code)
+
+
 def fail(message: str, code: int = 2) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)

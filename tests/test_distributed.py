@@ -261,6 +261,53 @@ def test_gpus_relaunches_the_same_command_under_torchrun(sample_dirs, tmp_path, 
                              "--no-flip", "--lr", "0.001", "--quiet"])]
 
 
+def test_a_torchrun_job_of_the_real_command_exits_cleanly_with_its_output(tiny_style, tmp_path):
+    """`torchrun ... -m styleshift apply`: every process converts its share and leaves as soon as the command is
+    done (styleshift.distributed.leave); what rank 0 printed to a pipe still arrives, once."""
+    import shutil
+    import subprocess
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in PHOTOS[:3]:
+        shutil.copy(f, photos / f.name)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+               "-m", "styleshift", "apply", str(photos), "-o", str(tmp_path / "out"), "--style", str(tiny_style),
+               "--device", "cpu", "--quiet"]
+    job = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.count("converted 3, skipped 0 (already there), failed 0") == 1, job.stdout + job.stderr
+    assert len(list((tmp_path / "out").glob("*.jpg"))) == 3
+
+
+def test_leaving_a_torchrun_job_keeps_the_command_s_exit_status(tmp_path, monkeypatch, capsys):
+    from styleshift import cli
+    from styleshift import distributed as dist
+
+    class Left(Exception):
+        pass
+
+    codes = []
+
+    def exit_now(code):
+        codes.append(code)
+        raise Left
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    monkeypatch.setattr(dist, "_joined", True)
+    for argv, code in ((["apply", str(tmp_path / "missing.jpg")], 2), (["--version"], 0)):
+        monkeypatch.setattr(sys, "argv", ["styleshift", *argv])
+        with pytest.raises(Left):
+            cli.run()
+        assert codes[-1] == code
+    assert "missing.jpg" in capsys.readouterr().err
+    monkeypatch.setattr(dist, "_joined", False)  # a process on its own exits as usual
+    with pytest.raises(SystemExit) as e:
+        cli.run()
+    assert e.value.code == 0 and len(codes) == 2
+
+
 def test_gpus_without_the_gpus_is_a_clear_error(sample_dirs, monkeypatch):
     from styleshift.cli import main
 
