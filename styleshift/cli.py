@@ -43,17 +43,30 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def run() -> None:
     """The `styleshift` program (its console script, and `python -m styleshift`, which torchrun starts): the
     command, then in a process that joined a torchrun job, an exit without the interpreter's teardown (see
-    styleshift.distributed.leave). Callers that run `main` themselves (tests, other programs) are unaffected."""
+    styleshift.distributed.leave), also after an error. Callers that run `main` themselves (tests, other
+    programs) are unaffected."""
     try:
         main(prog_name="styleshift")
         code = 0
     except SystemExit as e:
         code = e.code
-    from . import distributed as dist
+    except BaseException:
+        if not _joined():
+            raise
+        import traceback
 
-    if dist.joined():
-        dist.leave(code)
+        traceback.print_exc()
+        code = 1
+    if _joined():
+        sys.modules["styleshift.distributed"].leave(code)
     sys.exit(code)
+
+
+def _joined() -> bool:
+    # Only styleshift.distributed joins a group, so a process that never imported it (`--help`: no torch
+    # import either) never did.
+    dist = sys.modules.get("styleshift.distributed")
+    return dist is not None and dist.joined()
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -12,6 +12,11 @@ def test_help_does_not_import_torch():
     code = "import sys; from styleshift.cli import main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+    # the whole program, as its console script runs it: nor on its way out
+    code = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules)); "
+            "sys.argv = ['styleshift', '--help']; from styleshift.cli import run; run()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "Usage" in out and out.split()[-1] == "False"
     for args in (["--help"], ["train", "--help"], ["apply", "--help"], ["styles", "--help"]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0 and "Usage" in result.output

@@ -271,14 +271,30 @@ def test_a_torchrun_job_of_the_real_command_exits_cleanly_with_its_output(tiny_s
     photos.mkdir()
     for f in PHOTOS[:3]:
         shutil.copy(f, photos / f.name)
+    # Each worker (torchrun gives them RANK) marks its interpreter's teardown, which it must now skip.
+    site, marks = tmp_path / "site", tmp_path / "teardowns"
+    site.mkdir()
+    marks.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        "if 'RANK' in os.environ:\n"
+        f"    atexit.register(lambda: open(os.path.join({str(marks)!r}, str(os.getpid())), 'w').close())\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
                "-m", "styleshift", "apply", str(photos), "-o", str(tmp_path / "out"), "--style", str(tiny_style),
                "--device", "cpu", "--quiet"]
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     job = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
     assert job.returncode == 0, job.stderr[-3000:]
     assert job.stdout.count("converted 3, skipped 0 (already there), failed 0") == 1, job.stdout + job.stderr
     assert len(list((tmp_path / "out").glob("*.jpg"))) == 3
+    assert list(marks.iterdir()) == []  # both left without teardown
+
+    # leave() itself flushes what print() left in a pipe's buffer
+    code = "from styleshift import distributed; print('saved at step 7'); distributed.leave(3)"
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=buffered)
+    assert out.returncode == 3 and out.stdout == "saved at step 7\n"
 
 
 def test_leaving_a_torchrun_job_keeps_the_command_s_exit_status(tmp_path, monkeypatch, capsys):
@@ -302,10 +318,22 @@ def test_leaving_a_torchrun_job_keeps_the_command_s_exit_status(tmp_path, monkey
             cli.run()
         assert codes[-1] == code
     assert "missing.jpg" in capsys.readouterr().err
+
+    def crash(**kwargs):
+        raise FloatingPointError("the losses are NaN")
+
+    monkeypatch.setattr(cli, "main", crash)  # an error no command turns into an exit status: still leaves
+    with pytest.raises(Left):
+        cli.run()
+    assert codes[-1] == 1 and "FloatingPointError: the losses are NaN" in capsys.readouterr().err
     monkeypatch.setattr(dist, "_joined", False)  # a process on its own exits as usual
+    with pytest.raises(FloatingPointError):
+        cli.run()
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "argv", ["styleshift", "--version"])
     with pytest.raises(SystemExit) as e:
         cli.run()
-    assert e.value.code == 0 and len(codes) == 2
+    assert e.value.code == 0 and len(codes) == 3
 
 
 def test_gpus_without_the_gpus_is_a_clear_error(sample_dirs, monkeypatch):
