@@ -36,15 +36,10 @@ def _process(rank, port, fn, args):
         fn(rank, *args)
     finally:
         dist.close()
-    # Every scenario has saved what the tests check. Leave as a forked worker would, without the interpreter's
-    # teardown: in about 1 job in 30 a worker aborted there ("terminate called without an active exception"),
-    # failing every test of the job. gdb on its core: a gloo worker thread, kept alive because DDP still holds
-    # the process group, destroyed a finished all-gather whose tensors have Python objects while the
-    # interpreter was finalizing; taking the GIL then ends the thread, and unwinding through the destructor
-    # terminates the process (pytorch/pytorch PR 179291 describes the same race).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Every scenario has saved what the tests check. Leave as `styleshift` itself leaves a torchrun job, without
+    # the interpreter's teardown (styleshift.distributed.leave says why): in about 1 job in 30 a worker aborted
+    # there ("terminate called without an active exception"), failing every test of the job.
+    dist.leave(0)
 
 
 def run_processes(fn, *args, timeout=240):
