@@ -9,8 +9,9 @@
 (a) a plain fp32 eager whole-picture forward of the reference ResNet-9 generator (nn.InstanceNorm2d, ngf 64,
     random weights) under torch.no_grad, as the reference's test.py runs it;
 (b) styleshift's Stylizer with its defaults (resnet_9blocks, precision auto, tiles sized to the memory
-    budget, whole-picture normalisation statistics: styleshift.tiling), called as `apply` calls it:
-    Stylizer.stylize on the decoded H x W x 3 uint8 pixels, returning uint8 pixels.
+    budget, whole-picture normalisation statistics: styleshift.tiling), called as `apply` calls it: the
+    style loaded from a file (random weights too), Stylizer.stylize on the decoded H x W x 3 uint8 pixels,
+    returning uint8 pixels.
 Times: a and b alternate in one process so machine noise hits them alike; medians and b/a. Peak memory: the
 peak RSS (VmHWM) of a fresh process that builds the network and runs one forward at that size, the largest of
 --reps such processes. PSNR: b against the Stylizer run whole (tile_size=0), i.e. what tiling changes, on the
@@ -43,15 +44,21 @@ sys.path.insert(0, str(ROOT))
 from bench_train import ref_generator  # noqa: E402  (the reference generator, written out once)
 
 
+_STYLES = tempfile.TemporaryDirectory(prefix="bench_apply_")  # removed when the process ends
+STYLE = Path(_STYLES.name) / "random.safetensors"  # a child process is given its parent's
+
+
 def stylizer(**kwargs):
-    from styleshift.checkpoint import Style
+    """A Stylizer of a random-weight default generator, loaded from a style file as `apply` loads one."""
+    from styleshift.checkpoint import export_style
     from styleshift.config import GeneratorConfig
     from styleshift.networks import build_generator
     from styleshift.stylizer import Stylizer
 
-    cfg = GeneratorConfig()
-    weights = build_generator(cfg).state_dict()
-    return Stylizer(Style(cfg, {"forward": weights, "inverse": weights}), device="cpu", **kwargs)
+    if not STYLE.exists():
+        cfg = GeneratorConfig()
+        export_style(STYLE, "random", cfg, {d: build_generator(cfg) for d in ("forward", "inverse")})
+    return Stylizer(STYLE, device="cpu", **kwargs)
 
 
 def pixels(h: int, w: int):
@@ -68,8 +75,10 @@ def picture(h: int, w: int) -> torch.Tensor:
     return torch.from_numpy(pixels(h, w).astype("float32")).permute(2, 0, 1)[None] / 127.5 - 1
 
 
-def child(which: str, h: int, w: int) -> None:
+def child(which: str, h: int, w: int, style: str) -> None:
     """Run in a fresh process: one forward, then print the peak RSS in MiB."""
+    global STYLE
+    STYLE = Path(style)  # made by the parent: writing it would add to this process's peak
     if which == "a":
         x = picture(h, w)
         net = ref_generator().eval()
@@ -99,8 +108,10 @@ def peak_rss(which: str, h: int, w: int, runs: int = 1) -> float:
     must have free."""
     peaks = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, __file__, "--child", which, str(h), str(w)], capture_output=True,
-                             text=True, check=True)
+        if not STYLE.exists():
+            stylizer()  # writes the style file
+        out = subprocess.run([sys.executable, __file__, "--child", which, str(h), str(w), str(STYLE)],
+                             capture_output=True, text=True, check=True)
         peaks.append(float(out.stdout.split()[-1]))
     return max(peaks)
 
@@ -165,10 +176,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--reps", type=int, help="timed repetitions per size [3; 1 with --quick]")
     ap.add_argument("--sizes", help="compare only these sizes, e.g. 1024x1024,1536x2048 (no 4096 px, no folder)")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        child(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])
         return
     if args.quick:
         sizes, reps, big, folder = [(256, 256), (512, 512), (768, 1024)], 1, (1536, 2048), (8, 256)

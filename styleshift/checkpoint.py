@@ -269,7 +269,8 @@ def export_style(path: str | os.PathLike, name: str, generator: GeneratorConfig,
     atomic_write(path, lambda f: f.write(blob))
 
 
-def load_style(path: str | os.PathLike) -> Style:
+def load_style(path: str | os.PathLike, directions: tuple[str, ...] = DIRECTIONS) -> Style:
+    """A style file's config, metadata and the weights of `directions` (a Stylizer reads only its own)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -278,10 +279,11 @@ def load_style(path: str | os.PathLike) -> Style:
             metadata = f.metadata() or {}
             if metadata.get("format") != STYLE_FORMAT:
                 raise ValueError(f"{path}: not a styleshift style (no '{STYLE_FORMAT}' metadata)")
-            weights: dict[str, dict[str, torch.Tensor]] = {d: {} for d in DIRECTIONS}
+            weights: dict[str, dict[str, torch.Tensor]] = {d: {} for d in directions}
             for key in f.keys():
                 direction, _, name = key.partition(".")
-                weights.setdefault(direction, {})[name] = f.get_tensor(key)
+                if direction in directions:
+                    weights[direction][name] = f.get_tensor(key)
     except ValueError:
         raise
     except Exception as e:  # safetensors raises OSError, RuntimeError or its own SafetensorError

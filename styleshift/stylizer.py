@@ -44,10 +44,15 @@ class Stylizer:
         strength (0..1) and preserve_color: see styleshift.colour.
         tile_size: see below.
         style: as `--style` (see styleshift.styles); None is the default style shipped with styleshift."""
+        source = None  # the style file as this Stylizer read it, when it did: see `style`
         if not isinstance(style, Style):
             from .styles import find_style
 
-            style = load_style(find_style(style))
+            path = find_style(style)
+            source = _identity(path)
+            style = load_style(path, directions=(direction,))  # the other direction's weights are not needed
+            if _identity(path) != source:
+                source = None  # replaced while it was read: what was read is kept, below
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
         if not 0.0 <= strength <= 1.0:
@@ -67,7 +72,8 @@ class Stylizer:
         # on the CPU, the tensors just loaded into the network, so an fp32 network shares them rather than
         # holding a second copy. A shipped style is 45 MB per direction.
         weights = self.net.state_dict() if self.device.type == "cpu" else style.weights[direction]
-        self.style = replace(style, weights={direction: weights})
+        self._style = replace(style, weights={direction: weights})
+        self._source: tuple[int, int, int] | None = None
         # On a CPU, bf16 runs as an all-bf16 network in channels-last layout rather than under autocast:
         # autocast keeps fp32 weights and activations and casts before every convolution, and those casts,
         # fp32 norms and NCHW reorders took half the time of a ResNet-9 forward (1024 px, AVX512-BF16:
@@ -76,6 +82,12 @@ class Stylizer:
         self.cast = self.device.type == "cpu" and self.precision.name == "bf16"
         if self.cast:
             self.net.to(dtype=self.precision.dtype, memory_format=torch.channels_last)
+        if source is not None and (self.cast or self.device.type != "cpu"):
+            # The network no longer shares those fp32 tensors: rather than hold them for an export that may
+            # never come, read them again from the style's file then (see `style`). At 1536 x 2048 in bf16 they
+            # were 4% of the peak memory of `apply`.
+            self._source = source
+            self._style = replace(self._style, weights={})
         elif self.device.type == "cpu" and self.precision.name == "fp32":
             # Winograd 3x3 convolutions: 0.8x the time of a ResNet-9 forward at 512 px, within 1e-4.
             accelerate(self.net)
@@ -90,11 +102,32 @@ class Stylizer:
 
     @property
     def name(self) -> str:
-        return self.style.name
+        return self._style.name
+
+    @property
+    def style(self) -> Style:
+        """The style this Stylizer runs: its generator config, metadata and this direction's fp32 weights,
+        as exporting to ONNX needs them. A bf16 or GPU network loaded from a file keeps no fp32 copy of its
+        weights; they are read from the file again here, which must be the one loaded (ValueError if it has
+        changed since: its weights might no longer be the network's)."""
+        if self._source is None:
+            return self._style
+        path = self._style.path
+        try:
+            unchanged = _identity(path) == self._source
+        except OSError:
+            unchanged = False
+        if unchanged:
+            style = load_style(path, directions=(self.direction,))
+            unchanged = _identity(path) == self._source  # not replaced while it was read
+        if not unchanged:
+            raise ValueError(f"{path}: the style file was changed, moved or deleted since it was loaded; "
+                             "load the style again")
+        return replace(style, weights={self.direction: style.weights[self.direction]})
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "Stylizer":
-        return cls(load_style(path), **kwargs)
+        return cls(Path(path), **kwargs)
 
     @torch.inference_mode()
     def stylize(self, pixels: np.ndarray) -> np.ndarray:
@@ -217,6 +250,12 @@ class Stylizer:
         plan = self._get_plan(x.shape[1])
         return plan is not None and \
             KEPT_PEAK * plan.bytes_per_pixel * x[:, 0].numel() <= available_memory(self.device) / 4
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What tells a file from its replacement: inode, size and modification time."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _strips(height: int, rows: int = 256) -> list[slice]:

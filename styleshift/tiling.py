@@ -37,6 +37,10 @@ a 1024 x 1024 photo mosaic, 27.6 s tiled vs 15.8 s whole (1.75x), PSNR 129 dB (l
 In bf16 (styleshift.stylizer on CPUs with bf16 units) the buffers take half the bytes; ResNet-9 at
 1536 x 2048 on a 2-core AVX512-BF16 CPU: 1.18x the time of a whole forward (8.1 vs 6.8 s in one run) at
 1.2 instead of 2.2 GiB peak. Memory: the checkpoint(s) plus one tile's forward, whatever the picture's size.
+In channels-last layout (bf16 on a CPU) the kept maps share one piece of memory: the encoder's last
+downsampling writes its map over the one it reads (top down, strip by strip), the first residual block's
+second buffer is the rest of that memory, and the decoder's first upsampling writes over the trunk and that
+buffer (bottom up). ResNet-9 at 1536 x 2048 then holds at most 192 MiB of maps, not 288 (see _overlay).
 
 When even the checkpoint exceeds three quarters of the memory budget (beyond about 4.7 megapixels for ngf 64
 in fp32, 9.4 in bf16, with the default CPU budget), the statistics are instead taken once on a copy of the
@@ -473,7 +477,7 @@ class Tiler:
                     # A norm that is a layer of its own: its input, kept while it is measured, is the
                     # checkpoint just before it. Where memory allows, the encoder and decoder then run once.
                     norms.measure(i, keep=True)
-                    source = self._pass(source, first, scale, layer, capture=layer, at_norm=True)
+                    source = self._pass(source, first, scale, layer, capture=layer, at_norm=True, consume=True)
                     norms.finish()
                     first, scale = layer, int(plan.scale[layer - 1])
                     continue
@@ -512,12 +516,13 @@ class Tiler:
                     z = self._pass(source, first, scale, layer, capture=layer, at_norm=True)
                     norms.finish()
                     self._add_normalised(source, z, plan.norms[i], norms.stats[i])
+                    z = None  # its memory may go to the next pass's result (see _buffer)
                     first += 1
                     continue
                 # Move the checkpoint past the last lowest-resolution layer before this norm's layer.
                 to = max((k for k in range(first, layer) if plan.scale[k] == plan.stride), default=None)
                 norms.measure(i)
-                moved = self._pass(source, first, scale, layer, capture=to)
+                moved = self._pass(source, first, scale, layer, capture=to, consume=True)
                 norms.finish()
                 if to is not None:
                     first, source, scale = to + 1, moved, plan.stride
@@ -540,12 +545,13 @@ class Tiler:
             x[..., r:r + rows, :] += NormStats._apply(norm, z[..., r:r + rows, :], *stats).to(x.dtype)
 
     def _pass(self, source: torch.Tensor, first: int, scale: int, last: int, capture: int | None,
-              at_norm: bool = False, tail: tuple[nn.Sequential, float] | None = None):
+              at_norm: bool = False, tail: tuple[nn.Sequential, float] | None = None, consume: bool = False):
         """Run layers first..last on tiles of `source` (at `scale`); return the output of layer `capture`
         over the whole picture (written into `source` itself when the shapes agree), or None. With `at_norm`,
         what is returned is instead the input of the norm being measured (inside layer `capture`). With
         `tail` (see Plan.tails), `source` is layer `first`'s first norm input and the tail runs instead,
-        its result written over `source`."""
+        its result written over `source`. With `consume`, the caller needs `source` no longer once its
+        result is there, so the result may go over its memory (see _overlay)."""
         plan = self.plan
         align = plan.stride // scale  # tile corners on multiples of the stride, in source pixels
         end = max(last, capture or 0)
@@ -576,8 +582,13 @@ class Tiler:
         # Written over the source when it has the same shape; never over the caller's input (first == 0).
         in_place = tail is not None or (first > 0 and not at_norm and out_scale == 1 and source.dtype == plan.dtype
                     and round(row_bytes / scale / w / plan.dtype.itemsize * scale**2) == source.shape[1])
+        # A result kept for later passes may go into the memory of a source of the tiler's own (see _buffer),
+        # and over that source when the caller is done with it, even with another size (see _overlay).
+        own = (capture is not None and capture < len(plan.layers) - 1 and first > 0 and source.dtype == plan.dtype
+               and source.shape[0] == 1 and source.is_contiguous(memory_format=self.layout))
+        over = own and consume and not in_place and self.layout == torch.channels_last  # rows apart: see _overlay
         tall = wide = tile
-        if in_place and not self.tile:
+        if (in_place or over) and not self.tile:
             # A strip of results waits for its last tile: keep its height to a quarter of the working memory.
             # Strips under 48 feature rows get tiles widened to the same area with their halos (their
             # forward's memory), so the convolutions still get large inputs: square tiles of the strip's
@@ -592,8 +603,13 @@ class Tiler:
             self._spare = None  # and a spare map, if any, is for passes over blocks alike: handed back with them
             trim()
         self._grid = grid
+        order = None  # with `over`: "down" or "up", the order of strips that lets results go over the source
+        if over:
+            channels = round(plan.out_bytes_per_pixel[capture] * plan.scale[capture] ** 2 / plan.dtype.itemsize)
+            shape = (1, channels, round(h / out_scale), round(w / out_scale))
+            order = _overlay(source, shape, rows, halo)
         saved = None  # rows above the current strip, as they were before the strip above was overwritten
-        for y0, y1 in rows:
+        for y0, y1 in (rows[::-1] if order == "up" else rows):
             a0, a1 = max(y0 - halo, 0), min(y1 + halo, h)
             strip = torch.empty_like(source[..., y0:y1, :], memory_format=self.layout) if in_place else None
             for x0, x1 in columns:
@@ -609,11 +625,26 @@ class Tiler:
                 if in_place:
                     strip[..., x0:x1] = core  # written once the whole strip is done: its tiles read these rows
                     continue
-                if out is None:
-                    out = self._buffer((source.shape[0], core.shape[1], round(h / out_scale), round(w / out_scale)),
-                                       core)
                 c0, c1, d0, d1 = (round(v / out_scale) for v in (y0, y1, x0, x1))
+                if out is None:
+                    size = (source.shape[0], core.shape[1], round(h / out_scale), round(w / out_scale))
+                    if order is not None and (size != shape or core.dtype != source.dtype):
+                        order = None  # the plan foresaw another result: it gets memory of its own
+                    if order is not None:
+                        self._spare = None  # the result may go past the source's end, where a spare map lies
+                        out = _map(source, shape, self.layout)
+                    else:
+                        out = self._buffer(size, core, source if own else None)
+                if order is not None:  # the result's rows go over the source once every tile of the strip has read it
+                    if strip is None:
+                        strip = torch.empty((1, core.shape[1], c1 - c0, out.shape[-1]), dtype=core.dtype,
+                                            device=core.device, memory_format=self.layout)
+                    strip[..., d0:d1] = core
+                    continue
                 out[..., c0:c1, d0:d1] = core
+            if order is not None and strip is not None:
+                out[..., round(y0 / out_scale):round(y1 / out_scale), :] = strip
+                continue
             if in_place:
                 keep = min(halo, y1 - a0)  # the next strip's halo rows, before this strip overwrites them
                 if keep <= y1 - y0:
@@ -623,15 +654,22 @@ class Tiler:
                 source[..., y0:y1, :] = strip
         return source if in_place else out
 
-    def _buffer(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, shape: tuple[int, ...], like: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """An uninitialised map for a pass's result: the spare one a residual block left, when it fits. Each
         block's first-norm input then reuses the last one's memory rather than a new block, which the first
         tile's allocations had often taken part of the freed one's place (1536 x 2048 in bf16: a 96 MiB block
-        each, and up to 100 MB more heap)."""
+        each, and up to 100 MB more heap). Else, given the pass's `source` (a map of the tiler's own), the
+        memory past its end where that holds enough: a map a pass wrote over a larger one leaves it there
+        (see _overlay), and the first residual block's map goes there."""
         spare, self._spare = self._spare, None
         if (spare is not None and spare.shape == shape and spare.dtype == like.dtype and spare.device == like.device
                 and spare.is_contiguous(memory_format=self.layout)):
             return spare
+        if source is not None and source.dtype == like.dtype:
+            end = source.storage_offset() + source.numel()
+            if (source.untyped_storage().nbytes() // source.element_size() - end >= math.prod(shape)
+                    and source.is_contiguous(memory_format=self.layout)):
+                return _map(source, shape, self.layout, end)
         return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=self.layout)
 
     def _run(self, t: torch.Tensor, modules: nn.Sequential, capture: int | None,
@@ -655,6 +693,44 @@ class Tiler:
             if at_norm:
                 kept, self.norms.kept = self.norms.kept, None  # the view holds the whole tile: not a pass longer
         return kept
+
+
+def _overlay(source: torch.Tensor, shape: tuple[int, ...], rows: list[tuple[int, int]], halo: int) -> str | None:
+    """The order of strips ("down" or "up") in which a pass may write its result, of `shape`, over the memory
+    of its `source` from the start of that memory on, a strip at a time once the strip's tiles have run
+    without touching rows of the source a later strip still reads; None if neither order allows it.
+
+    The encoder's last downsampling then writes its quarter-scale map over the half-scale map it reads, top
+    down, and the decoder's first upsampling writes its half-scale map over the quarter-scale one, bottom up,
+    into the memory the residual blocks' second map held: ResNet-9 at 1536 x 2048 in bf16 needs 192 MiB of
+    maps there, not 288. Channels-last maps only: there each row of the picture is one run of memory, where
+    in NCHW every channel holds a piece of it."""
+    storage = source.untyped_storage().nbytes() // source.element_size()
+    if math.prod(shape) > storage:
+        return None
+    h = source.shape[-2]
+    base, source_row = source.storage_offset(), source.shape[1] * source.shape[-1]
+    out_row, ratio = shape[1] * shape[-1], shape[-2] / h
+
+    def written(y0: int, y1: int) -> tuple[int, int]:  # elements of the result a strip writes
+        return round(y0 * ratio) * out_row, round(y1 * ratio) * out_row
+
+    def reads(y0: int, y1: int) -> tuple[int, int]:  # elements of the source a strip's tiles read
+        return base + max(y0 - halo, 0) * source_row, base + min(y1 + halo, h) * source_row
+
+    # Later strips read only rows beyond the next one's first (going down) or before its last (going up).
+    if all(written(*rows[j])[1] <= reads(*rows[j + 1])[0] for j in range(len(rows) - 1)):
+        return "down"
+    if all(written(*rows[j])[0] >= reads(*rows[j - 1])[1] for j in range(1, len(rows))):
+        return "up"
+    return None
+
+
+def _map(base: torch.Tensor, shape: tuple[int, ...], layout: torch.memory_format, offset: int = 0) -> torch.Tensor:
+    """A map of `shape` in `layout` over `base`'s memory, from element `offset` of it on."""
+    n, c, h, w = shape
+    strides = (c * h * w, 1, w * c, c) if layout == torch.channels_last else (c * h * w, h * w, w, 1)
+    return base.as_strided(shape, strides, offset)
 
 
 def _elementwise(layers: nn.Sequential, norms: tuple[nn.Module, ...]) -> bool:

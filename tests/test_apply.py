@@ -1,7 +1,10 @@
 import hashlib
+import os
+import shutil
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -10,6 +13,7 @@ from conftest import PHOTOS
 from styleshift.checkpoint import load_resume, load_style
 from styleshift.cli import main
 from styleshift.config import TrainConfig
+from styleshift.engine import style_key
 from styleshift.networks import build_generator
 from styleshift.stylizer import Stylizer
 
@@ -138,6 +142,28 @@ def test_a_stylizer_holds_one_copy_of_one_direction_s_weights(tiny_style):
     # in fp32 the network computes with those very tensors: no second copy
     s = Stylizer(style, direction="inverse", device="cpu", precision="fp32")
     assert all(p.data_ptr() == s.style.weights["inverse"][name].data_ptr() for name, p in s.net.named_parameters())
+
+
+def test_a_bf16_stylizer_reads_its_fp32_weights_from_its_file_again(tiny_style, tmp_path):
+    """A bf16 network loaded from a style file keeps no fp32 copy of its weights: `style` (what ONNX export and
+    its cache key use) reads them from the file again, the same as an fp32 Stylizer holds; a file changed since
+    it was loaded is refused, rather than exporting weights other than those running."""
+    path = tmp_path / "mine.safetensors"
+    shutil.copy(tiny_style, path)
+    low = Stylizer(path, direction="inverse", device="cpu", precision="bf16")
+    assert low._style.weights == {}  # (private: nothing public shows what a Stylizer holds)
+    full = Stylizer(path, direction="inverse", device="cpu", precision="fp32").style
+    again = low.style
+    assert list(again.weights) == ["inverse"] and again.name == full.name == low.name
+    assert all(torch.equal(again.weights["inverse"][k], v) for k, v in full.weights["inverse"].items())
+    assert style_key(again, "inverse", 17) == style_key(full, "inverse", 17)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as if rewritten
+    with pytest.raises(ValueError, match="mine.safetensors.*changed"):
+        low.style  # noqa: B018
+    path.unlink()
+    with pytest.raises(ValueError, match="mine.safetensors"):
+        low.style  # noqa: B018
 
 
 def test_inverse_direction_uses_the_other_generator(tiny_style):

@@ -294,9 +294,9 @@ def test_residual_blocks_reuse_one_spare_map():
     tiler, fresh = Tiler(plan, 32, budget), []
     real_buffer = tiler._buffer
 
-    def spy_buffer(shape, like):
+    def spy_buffer(shape, like, source=None):
         spare = tiler._spare
-        out = real_buffer(shape, like)
+        out = real_buffer(shape, like, source)
         fresh.append(out is not spare)
         return out
 
@@ -307,6 +307,63 @@ def test_residual_blocks_reuse_one_spare_map():
     assert psnr(whole, tiled) >= 100
     blocks = sum(t is not None for t in plan.tails)
     assert blocks == 4 and len(fresh) - sum(fresh) == blocks - 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_channels_last_maps_go_over_the_maps_they_replace(variant, monkeypatch):
+    """In channels-last layout (bf16 on a CPU) a kept map of another size goes over the memory of the one it
+    replaces: the encoder's downsampling writes top down over its input, the decoder's upsampling bottom up
+    over the trunk and the residual blocks' second map, which lies past the trunk's end. Every map then lives
+    in the memory of the first one, and the result is still exact (fp32 here, to see exactness)."""
+    from styleshift import tiling
+
+    net = perturbed(GeneratorConfig(ngf=8, **variant), seed=2).to(memory_format=torch.channels_last)
+    plan = make_plan(net)
+    x = padded(photo(200, 168, 3)).contiguous(memory_format=torch.channels_last)
+    budget = 1 << 30  # room to keep the encoder's and decoder's maps, so that each layer runs once
+    orders, memory = [], []
+    real_overlay, real_pass = tiling._overlay, tiling.Tiler._pass
+
+    def spy_overlay(*args):
+        orders.append(real_overlay(*args))
+        return orders[-1]
+
+    def spy_pass(self, source, *args, **kwargs):
+        out = real_pass(self, source, *args, **kwargs)
+        if out is not None and out.shape[-2:] != x.shape[-2:]:
+            memory.append(out.untyped_storage().data_ptr())
+        return out
+
+    monkeypatch.setattr(tiling, "_overlay", spy_overlay)
+    monkeypatch.setattr(tiling.Tiler, "_pass", spy_pass)
+    with torch.inference_mode():
+        whole = net(x)
+        tiled = tiled_forward(net, x, plan, 32, budget)
+    assert psnr(whole, tiled) >= 100
+    assert "down" in orders and "up" in orders
+    assert len(memory) > 3 and len(set(memory)) == 1  # every map below full size in one piece of memory
+
+
+def test_overlay_order_keeps_every_row_a_later_strip_reads():
+    """_overlay allows writing a result over its source only in a strip order where no strip's result lands on
+    source rows a later strip's tiles (with their halos) still read."""
+    from styleshift.tiling import _overlay
+
+    def source(c, h, w, extra=0):
+        memory = torch.empty(1 * c * h * w + extra)
+        return memory.as_strided((1, c, h, w), (c * h * w, 1, w * c, c))
+
+    rows = spans(64, 16, 2)
+    half = (1, 16, 32, 32)  # downsampling, with twice the channels: half the memory of its source
+    assert _overlay(source(8, 64, 64), half, rows, halo=2) == "down"
+    assert _overlay(source(8, 64, 64), half, rows, halo=9) is None  # the next strip reads rows written
+    double = (1, 4, 128, 128)  # upsampling: twice the memory, so only over a source with room past its end
+    assert _overlay(source(8, 64, 64), double, rows, halo=1) is None
+    assert _overlay(source(8, 64, 64, extra=8 * 64 * 64), double, rows, halo=1) == "up"
+    assert _overlay(source(8, 64, 64, extra=8 * 64 * 64), double, rows, halo=17) is None
+    same = (1, 8, 64, 64)  # same size, with a halo: no order works (in-place passes copy rows aside instead)
+    assert _overlay(source(8, 64, 64), same, rows, halo=1) is None
+    assert _overlay(source(8, 64, 64), same, rows, halo=0) == "down"
 
 
 def test_only_elementwise_layers_are_applied_rows_at_a_time():
