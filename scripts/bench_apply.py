@@ -50,15 +50,20 @@ STYLE = Path(_STYLES.name) / "random.safetensors"  # a child process is given it
 
 def stylizer(**kwargs):
     """A Stylizer of a random-weight default generator, loaded from a style file as `apply` loads one."""
+    from styleshift.stylizer import Stylizer
+
+    write_style()
+    return Stylizer(STYLE, device="cpu", **kwargs)
+
+
+def write_style() -> None:
     from styleshift.checkpoint import export_style
     from styleshift.config import GeneratorConfig
     from styleshift.networks import build_generator
-    from styleshift.stylizer import Stylizer
 
     if not STYLE.exists():
         cfg = GeneratorConfig()
         export_style(STYLE, "random", cfg, {d: build_generator(cfg) for d in ("forward", "inverse")})
-    return Stylizer(STYLE, device="cpu", **kwargs)
 
 
 def pixels(h: int, w: int):
@@ -108,8 +113,7 @@ def peak_rss(which: str, h: int, w: int, runs: int = 1) -> float:
     must have free."""
     peaks = []
     for _ in range(runs):
-        if not STYLE.exists():
-            stylizer()  # writes the style file
+        write_style()
         out = subprocess.run([sys.executable, __file__, "--child", which, str(h), str(w), str(STYLE)],
                              capture_output=True, text=True, check=True)
         peaks.append(float(out.stdout.split()[-1]))

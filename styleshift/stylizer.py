@@ -48,7 +48,7 @@ class Stylizer:
         if not isinstance(style, Style):
             from .styles import find_style
 
-            path = find_style(style)
+            path = Path(os.path.abspath(find_style(style)))  # read again from any working directory
             source = _identity(path)
             style = load_style(path, directions=(direction,))  # the other direction's weights are not needed
             if _identity(path) != source:
@@ -70,7 +70,8 @@ class Stylizer:
         self.net = style.build(direction).to(self.device)
         # Only this direction's fp32 weights stay (exporting to ONNX and its cache key need them), not both:
         # on the CPU, the tensors just loaded into the network, so an fp32 network shares them rather than
-        # holding a second copy. A shipped style is 45 MB per direction.
+        # holding a second copy. A shipped style is 45 MB per direction. (Where the network does not share
+        # them, they may be read again from the style's file instead: below.)
         weights = self.net.state_dict() if self.device.type == "cpu" else style.weights[direction]
         self._style = replace(style, weights={direction: weights})
         self._source: tuple[int, int, int] | None = None
@@ -82,10 +83,11 @@ class Stylizer:
         self.cast = self.device.type == "cpu" and self.precision.name == "bf16"
         if self.cast:
             self.net.to(dtype=self.precision.dtype, memory_format=torch.channels_last)
-        if source is not None and (self.cast or self.device.type != "cpu"):
+        if source is not None and engine != "onnx" and (self.cast or self.device.type != "cpu"):
             # The network no longer shares those fp32 tensors: rather than hold them for an export that may
-            # never come, read them again from the style's file then (see `style`). At 1536 x 2048 in bf16 they
-            # were 4% of the peak memory of `apply`.
+            # never come, read them again from the style's file then (see `style`); not for the onnx engine,
+            # which exports on its first picture, maybe after a training run has replaced the file. At
+            # 1536 x 2048 in bf16 they were 4% of the peak memory of `apply`.
             self._source = source
             self._style = replace(self._style, weights={})
         elif self.device.type == "cpu" and self.precision.name == "fp32":
@@ -127,6 +129,8 @@ class Stylizer:
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "Stylizer":
+        if not Path(path).is_file():  # a file, not a style name
+            raise ValueError(f"{path}: no such style file")
         return cls(Path(path), **kwargs)
 
     @torch.inference_mode()

@@ -21,8 +21,8 @@ Statistics, exactly. Layer m's statistics depend on the output of every layer be
 whole-picture ones (fp64, Chan et al. 1979), and stops there. Re-running from the input for every norm
 would cost about (number of norms)/2 forwards, so the passes start from a *checkpoint*: the whole picture's features
 after the last top-level layer at the lowest resolution (1/4 scale, 4ngf channels: 64 bytes per input pixel
-for ngf 64) whose norms are all known. Each pass also moves the checkpoint forward, written in place strip by
-strip (the rows a later strip still reads are copied aside first). For a ResNet generator a block is then
+for ngf 64) whose norms are all known. Each pass also moves the checkpoint forward, written in place tile by
+tile (the rows and columns later tiles still read are copied aside first). For a ResNet generator a block is then
 run twice in total (once to measure its second norm, once to move the checkpoint across it while measuring
 the next block's first norm), about 2x a plain forward's arithmetic. When a second checkpoint-sized buffer
 fits too, a residual block x + norm2(tail(y)) (checked on a probe; y is its first norm's input) runs as two
@@ -573,8 +573,9 @@ class Tiler:
             # Enough for a tile 32 halos wide, whose halo adds at most 14% to its work: the exact passes'
             # halos are a few pixels, and ResNet-9 at 1536 x 2048 (bf16) then runs as fast in 64 MiB tiles as in
             # the 184 MiB the buffers leave (8.99 vs 9.29 s, median of 4 alternating), and peaks about 130 MB lower
-            # (1001-1047 vs 1153-1200 MiB, 6 processes each). Strips keep the height the working memory gives them,
-            # so a block's passes still cut its maps alike (see __call__).
+            # (1001-1047 vs 1153-1200 MiB, 6 processes each). A block's two passes, whose halos differ by one
+            # convolution's, get tiles of nearly one size, which `spans` usually evens out into one tiling, so
+            # each reuses the memory the other freed (see __call__).
             for_tile = min(working, max(CPU_TILE_MEMORY, per_pixel * (32 * halo * scale) ** 2))
         tile = self.tile or fitting_tile(plan, per_pixel, halo * scale, for_tile)
         out, out_scale = None, plan.scale[capture] / scale if capture is not None else 1.0
@@ -588,11 +589,12 @@ class Tiler:
                and source.shape[0] == 1 and source.is_contiguous(memory_format=self.layout))
         over = own and consume and not in_place and self.layout == torch.channels_last  # rows apart: see _overlay
         tall = wide = tile
-        if (in_place or over) and not self.tile:
-            # A strip of results waits for its last tile: keep its height to a quarter of the working memory.
-            # Strips under 48 feature rows get tiles widened to the same area with their halos (their
-            # forward's memory), so the convolutions still get large inputs: square tiles of the strip's
-            # height ran the fp32 ResNet-9 trunk at 1536 x 2048 in 12 x 12 px pieces (65 s; 46 s widened).
+        if over and not self.tile:
+            # A strip of results waits for its last tile before it goes over the source: keep its height to a
+            # quarter of the working memory. Strips under 48 feature rows get tiles widened to the same area
+            # with their halos (their forward's memory), so the convolutions still get large inputs: square
+            # tiles of the strip's height ran the fp32 ResNet-9 trunk at 1536 x 2048 in 12 x 12 px pieces
+            # (65 s; 46 s widened) when in-place passes held such strips too.
             tall = min(tile, max(plan.stride, int(working / 4 / row_bytes) // plan.stride * plan.stride))
             if tall < 48 * scale:
                 rim = 2 * halo * scale
@@ -608,22 +610,40 @@ class Tiler:
             channels = round(plan.out_bytes_per_pixel[capture] * plan.scale[capture] ** 2 / plan.dtype.itemsize)
             shape = (1, channels, round(h / out_scale), round(w / out_scale))
             order = _overlay(source, shape, rows, halo)
-        saved = None  # rows above the current strip, as they were before the strip above was overwritten
+        # In place, each tile's result goes over the source at once; what later tiles read of the rows and
+        # columns it replaces is copied aside first: the rows above the strip (`saved`), its bottom rows for the
+        # next strip (`below`) and the columns left of the next tile (`left`). No strip of results is held
+        # (it was 48 MiB for each residual block of ResNet-9 at 1536 x 2048 in bf16).
+        saved = None
         for y0, y1 in (rows[::-1] if order == "up" else rows):
             a0, a1 = max(y0 - halo, 0), min(y1 + halo, h)
-            strip = torch.empty_like(source[..., y0:y1, :], memory_format=self.layout) if in_place else None
+            strip = left = None
+            if in_place:
+                keep = min(halo, y1 - a0)  # rows of this strip and those above it that the next strip reads
+                below = torch.empty_like(source[..., y1 - min(keep, y1 - y0):y1, :], memory_format=self.layout)
             for x0, x1 in columns:
                 b0, b1 = max(x0 - halo, 0), min(x1 + halo, w)
                 fh, fw = a1 - a0, b1 - b0
                 self._core = ((y0 - a0) / fh, (y1 - a0) / fh, (x0 - b0) / fw, (x1 - b0) / fw)
-                window = source[..., a0:a1, b0:b1] if saved is None else \
-                    torch.cat([saved[..., b0:b1], source[..., y0:a1, b0:b1]], dim=-2)
+                if not in_place:
+                    window = source[..., a0:a1, b0:b1]
+                else:
+                    window = source[..., y0:a1, b0:b1]
+                    if left is not None and x0 > b0:
+                        window = torch.cat([torch.cat([left[..., b0 - x0:], source[..., y1:a1, b0:x0]], dim=-2),
+                                            source[..., y0:a1, x0:b1]], dim=-1)
+                    if saved is not None:
+                        window = torch.cat([saved[..., b0:b1], window], dim=-2)
                 core = self._run(window, modules, captured, at_norm)
                 del window
                 if capture is None:
                     continue
                 if in_place:
-                    strip[..., x0:x1] = core  # written once the whole strip is done: its tiles read these rows
+                    replaced = source[..., y0:y1, x0:x1]
+                    below[..., x0:x1] = replaced[..., replaced.shape[-2] - below.shape[-2]:, :]
+                    if halo:
+                        left = (replaced if left is None else torch.cat([left, replaced], dim=-1))[..., -halo:].clone()
+                    replaced.copy_(core)
                     continue
                 c0, c1, d0, d1 = (round(v / out_scale) for v in (y0, y1, x0, x1))
                 if out is None:
@@ -645,13 +665,8 @@ class Tiler:
             if order is not None and strip is not None:
                 out[..., round(y0 / out_scale):round(y1 / out_scale), :] = strip
                 continue
-            if in_place:
-                keep = min(halo, y1 - a0)  # the next strip's halo rows, before this strip overwrites them
-                if keep <= y1 - y0:
-                    saved = source[..., y1 - keep:y1, :].clone()
-                else:  # a strip lower than the halo: the rows above it come from the last copy
-                    saved = torch.cat([saved, source[..., y0:y1, :]], dim=-2)[..., -keep:, :].clone()
-                source[..., y0:y1, :] = strip
+            if in_place:  # a strip lower than the halo: the rows above it come from the last copy
+                saved = below if keep <= y1 - y0 else torch.cat([saved, below], dim=-2)[..., -keep:, :].clone()
         return source if in_place else out
 
     def _buffer(self, shape: tuple[int, ...], like: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
@@ -704,7 +719,8 @@ def _overlay(source: torch.Tensor, shape: tuple[int, ...], rows: list[tuple[int,
     down, and the decoder's first upsampling writes its half-scale map over the quarter-scale one, bottom up,
     into the memory the residual blocks' second map held: ResNet-9 at 1536 x 2048 in bf16 needs 192 MiB of
     maps there, not 288. Channels-last maps only: there each row of the picture is one run of memory, where
-    in NCHW every channel holds a piece of it."""
+    in NCHW every channel holds a piece of it. What lies before the source in its memory (when it was placed
+    after another map, see Tiler._buffer) is that earlier map, which the source has replaced."""
     storage = source.untyped_storage().nbytes() // source.element_size()
     if math.prod(shape) > storage:
         return None

@@ -164,6 +164,26 @@ def test_a_bf16_stylizer_reads_its_fp32_weights_from_its_file_again(tiny_style, 
     path.unlink()
     with pytest.raises(ValueError, match="mine.safetensors"):
         low.style  # noqa: B018
+    with pytest.raises(ValueError, match="no such style file"):
+        Stylizer.from_file(path)  # a file, never a style of that name elsewhere
+
+
+def test_a_stylizer_reads_its_style_file_again_from_any_directory(tiny_style, tmp_path, monkeypatch):
+    """The file is read again by its absolute path: a program that changes its working directory after
+    loading a style by a relative path still exports it."""
+    shutil.copy(tiny_style, tmp_path / "mine.safetensors")
+    monkeypatch.chdir(tmp_path)
+    low = Stylizer("mine.safetensors", device="cpu", precision="bf16")
+    monkeypatch.chdir(tmp_path.parent)
+    assert low.style.path == tmp_path / "mine.safetensors" and low.style.weights["forward"]
+
+
+def test_the_onnx_engine_keeps_the_weights_it_will_export(tiny_style):
+    """The onnx engine exports on its first picture: it holds the fp32 weights from the start, so a training
+    run that replaces the style file meanwhile cannot make that export fail."""
+    pytest.importorskip("onnxruntime")
+    s = Stylizer(tiny_style, device="cpu", precision="bf16", engine="onnx")
+    assert s._style.weights["forward"]
 
 
 def test_inverse_direction_uses_the_other_generator(tiny_style):

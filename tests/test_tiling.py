@@ -209,37 +209,51 @@ def test_bf16_stylizer_matches_fp32(variant, tile):
         assert psnr(whole, y) >= 38  # both rounded to bf16, differently: measured 41-45 dB
 
 
-def test_split_residual_blocks_run_and_wide_strips_stay_exact(monkeypatch):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+def test_split_residual_blocks_run_and_wide_strips_stay_exact(layout, monkeypatch):
     """With a budget for two checkpoint-sized buffers and tiles sized to it, every residual block runs as
     x + tail(y) (each convolution once; the first after the encoder's last norm and ReLU are applied to the
-    checkpoint in place), in-place strips too short for good convolutions get widened tiles, and the result
-    still equals the untiled one."""
+    checkpoint in place), and the result still equals the untiled one. In channels-last layout, with room
+    for the encoder's and decoder's maps as well, results go over their sources a strip at a time; strips too
+    short for good convolutions get widened tiles, and the result is as exact."""
+    from styleshift import tiling
     from styleshift.tiling import Tiler
 
-    net = perturbed(GeneratorConfig(ngf=8, arch="resnet_6blocks", n_blocks=4), seed=3)
+    net = perturbed(GeneratorConfig(ngf=8, arch="resnet_6blocks", n_blocks=4), seed=3).to(memory_format=layout)
     plan = make_plan(net)
-    x = padded(photo(280, 200))  # 70 rows at the blocks' scale: in-place updates go past their first 64 rows
-    tails, sizes = [], []
-    real_pass, real_spans = Tiler._pass, spans
+    x = padded(photo(280, 200)).contiguous(memory_format=layout)  # 70 rows at the blocks' scale: in-place
+    tails, scales, sizes, fitting = [], [], [], []                # updates go past their first 64 rows
+    real_pass, real_spans, real_fitting = Tiler._pass, spans, tiling.fitting_tile
 
     def spy_pass(self, *args, tail=None, **kwargs):
         tails.append(tail is not None)
+        scales.append(args[2])
         return real_pass(self, *args, tail=tail, **kwargs)
 
     def spy_spans(length, tile, align):
-        sizes.append((length, tile))
+        sizes.append(tile)
         return real_spans(length, tile, align)
 
+    def spy_fitting(*args):
+        fitting.append(real_fitting(*args))
+        return fitting[-1]
+
     monkeypatch.setattr(Tiler, "_pass", spy_pass)
-    monkeypatch.setattr("styleshift.tiling.spans", spy_spans)
-    budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * 2 / 0.75) + 1
+    monkeypatch.setattr(tiling, "spans", spy_spans)
+    monkeypatch.setattr(tiling, "fitting_tile", spy_fitting)
+    # two checkpoints; in channels-last four, so a half-scale map and the checkpoint fit beside each other
+    checkpoints = 2 if layout == torch.contiguous_format else 4
+    budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * checkpoints / 0.75) + 1
     with torch.inference_mode():
         whole = net(x)
         tiled = tiled_forward(net, x, plan, None, budget)
     assert sum(tails) == 4
     assert psnr(whole, tiled) >= 100  # fp32, exact statistics: equal up to rounding (about 130 dB)
-    # a strip's rows (height h) then its tiles across (width w != h): some strip got tiles wider than it
-    assert any(w_len != h_len and wide > tall for (h_len, tall), (w_len, wide) in zip(sizes, sizes[1:]))
+    # per pass: the tile its memory allows (input pixels), the height of its strips and the width of their tiles
+    # (pixels at the pass's scale)
+    widened = [wide * scale > tile > tall * scale
+               for scale, tile, tall, wide in zip(scales, fitting, sizes[0::2], sizes[1::2])]
+    assert len(widened) == len(tails) and any(widened) == (layout == torch.channels_last)
 
 
 def test_cpu_tiles_take_only_the_memory_their_halo_needs(monkeypatch):
