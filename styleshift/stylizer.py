@@ -48,11 +48,9 @@ class Stylizer:
         if not isinstance(style, Style):
             from .styles import find_style
 
-            path = Path(os.path.abspath(find_style(style)))  # read again from any working directory
-            source = _identity(path)
-            style = load_style(path, directions=(direction,))  # the other direction's weights are not needed
-            if _identity(path) != source:
-                source = None  # replaced while it was read: what was read is kept, below
+            # an absolute path, to read it again from any working directory; what was read is kept (below)
+            # where the file was replaced while it was read
+            style, source = _read(Path(os.path.abspath(find_style(style))), direction)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
         if not 0.0 <= strength <= 1.0:
@@ -116,16 +114,13 @@ class Stylizer:
             return self._style
         path = self._style.path
         try:
-            unchanged = _identity(path) == self._source
-        except OSError:
-            unchanged = False
-        if unchanged:
-            style = load_style(path, directions=(self.direction,))
-            unchanged = _identity(path) == self._source  # not replaced while it was read
-        if not unchanged:
+            style, identity = _read(path, self.direction)
+        except OSError:  # deleted or moved
+            identity = None
+        if identity != self._source:
             raise ValueError(f"{path}: the style file was changed, moved or deleted since it was loaded; "
                              "load the style again")
-        return replace(style, weights={self.direction: style.weights[self.direction]})
+        return style
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "Stylizer":
@@ -256,8 +251,15 @@ class Stylizer:
             KEPT_PEAK * plan.bytes_per_pixel * x[:, 0].numel() <= available_memory(self.device) / 4
 
 
+def _read(path: Path, direction: str) -> tuple[Style, tuple[int, int, int] | None]:
+    """The style file with only `direction`'s weights (a Stylizer needs no other), and what tells that file
+    from a replacement (inode, size and modification time), or None if it was replaced while it was read."""
+    identity = _identity(path)
+    style = load_style(path, directions=(direction,))
+    return style, identity if _identity(path) == identity else None
+
+
 def _identity(path: Path) -> tuple[int, int, int]:
-    """What tells a file from its replacement: inode, size and modification time."""
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
 

@@ -108,6 +108,10 @@ class Plan:
     def halo(self) -> int:
         return self.halo_between(0, len(self.layers) - 1)
 
+    def channels(self, layer: int) -> int:
+        """The channels of layer `layer`'s output."""
+        return round(self.out_bytes_per_pixel[layer] * self.scale[layer] ** 2 / self.dtype.itemsize)
+
     def halo_between(self, first: int, last: int) -> int:
         """Receptive-field radius of layers first..last, in input pixels, up to a multiple of the stride."""
         return math.ceil(sum(self.reach[first:last + 1]) / self.stride) * self.stride
@@ -581,8 +585,8 @@ class Tiler:
         out, out_scale = None, plan.scale[capture] / scale if capture is not None else 1.0
         row_bytes = plan.out_bytes_per_pixel[capture] * w * scale if capture is not None else 0.0
         # Written over the source when it has the same shape; never over the caller's input (first == 0).
-        in_place = tail is not None or (first > 0 and not at_norm and out_scale == 1 and source.dtype == plan.dtype
-                    and round(row_bytes / scale / w / plan.dtype.itemsize * scale**2) == source.shape[1])
+        in_place = tail is not None or (first > 0 and capture is not None and not at_norm and out_scale == 1
+                                        and source.dtype == plan.dtype and plan.channels(capture) == source.shape[1])
         # A result kept for later passes may go into the memory of a source of the tiler's own (see _buffer),
         # and over that source when the caller is done with it, even with another size (see _overlay).
         own = (capture is not None and capture < len(plan.layers) - 1 and first > 0 and source.dtype == plan.dtype
@@ -607,8 +611,7 @@ class Tiler:
         self._grid = grid
         order = None  # with `over`: "down" or "up", the order of strips that lets results go over the source
         if over:
-            channels = round(plan.out_bytes_per_pixel[capture] * plan.scale[capture] ** 2 / plan.dtype.itemsize)
-            shape = (1, channels, round(h / out_scale), round(w / out_scale))
+            shape = (1, plan.channels(capture), round(h / out_scale), round(w / out_scale))
             order = _overlay(source, shape, rows, halo)
         # In place, each tile's result goes over the source at once; what later tiles read of the rows and
         # columns it replaces is copied aside first: the rows above the strip (`saved`), its bottom rows for the
