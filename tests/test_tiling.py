@@ -49,19 +49,36 @@ def padded(x, multiple=4):
     return torch.nn.functional.pad(x, (0, (-w) % multiple, 0, (-h) % multiple), mode="reflect")
 
 
-def near_boundaries(h, w, tile, stride, width=2):
-    """Mask of pixels within `width` of an edge between two tiles."""
-    mask = torch.zeros(h, w, dtype=torch.bool)
-    for a, _ in spans(h, tile, stride)[1:]:
-        mask[max(a - width, 0):a + width] = True
-    for a, _ in spans(w, tile, stride)[1:]:
-        mask[:, max(a - width, 0):a + width] = True
-    return mask
+def step_error_ratio(whole, tiled, tile, stride) -> float:
+    """How much larger the error is in a step between neighbouring pixels across an edge between two tiles
+    than in a step inside a tile. A seam is a step the untiled picture does not have: an error spread evenly
+    over a tile (its own statistics, say) cancels out of the steps inside it but not of those across its
+    edges, so this shows seams even where the tiles' error is as large as the seam. About 1 without seams."""
+    edges, inside = [], []
+    for dim in (-1, -2):
+        err = (whole.diff(dim=dim) - tiled.diff(dim=dim)).abs().sum(1)[0]  # step to the right / downwards
+        across = torch.zeros(whole.shape[dim] - 1, dtype=torch.bool)
+        for a, _ in spans(whole.shape[dim], tile, stride)[1:]:
+            across[a - 1] = True  # the step from the last pixel of one tile to the first of the next
+        if dim == -1:
+            err = err.T  # steps along rows
+        edges.append(err[across].flatten())
+        inside.append(err[~across].flatten())
+    return torch.cat(edges).mean().item() / (torch.cat(inside).mean().item() + 1e-12)
 
 
-def seam_ratio(err, mask):
-    """Mean error at tile edges over mean error inside tiles."""
-    return err[..., mask].mean().item() / (err[..., ~mask].mean().item() + 1e-7)
+def naive_tiles(net, x, tile, halo, stride):
+    """What tiling by hand gives: each tile, with a halo that covers the receptive field, run through the
+    network alone, so its instance norms normalise with the tile's own statistics."""
+    out = None
+    for y0, y1 in spans(x.shape[-2], tile, stride):
+        for x0, x1 in spans(x.shape[-1], tile, stride):
+            a0, b0 = max(y0 - halo, 0), max(x0 - halo, 0)
+            y = net(x[..., a0:y1 + halo, b0:x1 + halo])
+            if out is None:
+                out = torch.empty(x.shape[0], y.shape[1], *x.shape[-2:], dtype=y.dtype)
+            out[..., y0:y1, x0:x1] = y[..., y0 - a0:y1 - a0, x0 - b0:x1 - b0]
+    return out
 
 
 @pytest.mark.parametrize("checkpoints", [2, 1], ids=["two-checkpoints", "one-checkpoint"])
@@ -81,25 +98,38 @@ def test_tiled_equals_untiled_and_has_no_seams(variant, checkpoints):
         tiled = tiled_forward(net, x, plan, tile, budget)
     assert whole.std() > 0.05  # a picture, not a constant
     assert psnr(whole, tiled) >= 40
-    err = (whole - tiled).abs().sum(1)[0]
-    assert seam_ratio(err, near_boundaries(*x.shape[-2:], tile, plan.stride)) <= 1.5
+    assert step_error_ratio(whole, tiled, tile, plan.stride) <= 1.25  # measured 0.95-1.05
 
 
 def test_naive_tiling_fails_the_same_checks():
-    """The checks above can fail: tiles normalised by their own statistics have seams."""
+    """The checks above can fail: tiles normalised by their own statistics give another picture. (The steps at
+    their edges are lost in this random network's noise: the shipped style's test below shows those seams.)"""
     net = perturbed(GeneratorConfig(ngf=8, arch="resnet_6blocks", n_blocks=2))
     plan = make_plan(net)
     x = padded(photo())
-    tile, r = 32, plan.halo
-    out = torch.empty_like(x)
     with torch.inference_mode():
-        whole = net(x)
-        for y0, y1 in spans(x.shape[-2], tile, plan.stride):
-            for x0, x1 in spans(x.shape[-1], tile, plan.stride):
-                a0, b0 = max(y0 - r, 0), max(x0 - r, 0)
-                y = net(x[..., a0:y1 + r, b0:x1 + r])
-                out[..., y0:y1, x0:x1] = y[..., y0 - a0:y1 - a0, x0 - b0:x1 - b0]
-    assert psnr(whole, out) < 40
+        assert psnr(net(x), naive_tiles(net, x, 32, plan.halo, plan.stride)) < 40
+
+
+def test_the_shipped_style_tiles_a_1024px_photo_without_seams():
+    """A trained style on a 1024 x 1024 sample photo, at the precision `apply` picks on this machine (bf16
+    where the CPU has bf16 units): tiled and untiled agree (PSNR >= 40 dB), and the error of steps across tile
+    edges is no larger than inside tiles. Tiling by hand fails that: its tiles' own statistics leave steps
+    at their edges (3.2x the error inside, measured)."""
+    stylizer = Stylizer(device="cpu")
+    net, plan, tile = stylizer.net, make_plan(stylizer.net), 256
+    x = photo(1024, 1024).to(next(net.parameters()).dtype)
+    if stylizer.cast:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert len(spans(1024, tile, plan.stride)) == 4
+    with torch.inference_mode():
+        whole = net(x).float()
+        tiled = tiled_forward(net, x, plan, tile, 1 << 34).float()  # exact statistics
+        naive = naive_tiles(net, x, tile, plan.halo, plan.stride).float()
+    assert whole.std() > 0.2  # a picture
+    assert psnr(whole, tiled) >= 40  # fp32: 123-126 dB; bf16 (both rounded, differently): 45-48 dB
+    assert step_error_ratio(whole, tiled, tile, plan.stride) <= 1.25  # 0.93-1.13 over 3 photos, 3 tile sizes
+    assert step_error_ratio(whole, naive, tile, plan.stride) >= 2
 
 
 def test_halo_of_the_reference_generator():
@@ -121,8 +151,7 @@ def test_estimated_statistics_are_still_seamless():
         whole = net(x)
         tiled = tiled_forward(net, x, plan, tile, budget)
     assert psnr(whole, tiled) < 60  # estimated, not exact: this really took the other path
-    err = (whole - tiled).abs().sum(1)[0]
-    assert seam_ratio(err, near_boundaries(*x.shape[-2:], tile, plan.stride)) <= 1.5
+    assert step_error_ratio(whole, tiled, tile, plan.stride) <= 1.25
 
 
 def test_stylizer_tiles_odd_sizes_and_batches():
