@@ -172,14 +172,14 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
              for m in layers.modules() if next(m.children(), None) is None]
 
     def on_norm(m, i, o):  # returns None: a forward hook's return value would replace the output
-        norms.append((current[0], m, i[0]))
+        norms.append((current[0], m, i[0].clone()))  # copies (probe-sized): a later layer may work in place
 
     hooks += [m.register_forward_hook(on_norm) for m in layers.modules() if isinstance(m, nn.InstanceNorm2d)]
     try:
         h, scales, residual, out_bytes, ends = x, [], [], [], []
         for k, layer in enumerate(layers):
             current[0] = k
-            before, calls = h, len(leaves)
+            before, calls = h.clone(), len(leaves)
             h = layer(h)
             scales.append(_scale(probe, h.shape[-1]))
             out_bytes.append(4 * h.numel() / probe**2)
@@ -188,7 +188,7 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
                             and h.shape == before.shape == z.shape
                             and torch.allclose(h, before + F.instance_norm(z, eps=norm.eps), atol=1e-5)
                             and not norm.affine)
-            ends.append((before, h))
+            ends.append((before, h.clone()))  # as the block left it, before a ReLU(inplace=True) after it
     finally:
         for hook in hooks:
             hook.remove()

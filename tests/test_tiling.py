@@ -462,3 +462,20 @@ def test_bf16_strips_keep_16_bit_pictures_and_blend_like_fp32_maths():
     assert out.dtype == np.uint16 and np.array_equal(out, expected)
     half = Stylizer(style, device="cpu", precision="bf16", tile_size=0, strength=0.5).stylize(deep)
     assert np.abs(half.astype(float) - (deep.astype(float) + out) / 2).max() <= 1.0
+
+
+def test_a_block_followed_by_an_in_place_activation_still_splits():
+    """make_plan checks each residual block on its probe after the whole network ran: a ReLU(inplace=True)
+    after the last block must not change the output it compares against (the block would lose its split)."""
+    from torch import nn
+
+    net = perturbed(GeneratorConfig(ngf=8, arch="resnet_6blocks", n_blocks=2))
+    layers = list(net.model)
+    last = max(k for k, t in enumerate(make_plan(net).tails) if t is not None)
+    changed = nn.Sequential(*layers[:last + 1], nn.ReLU(inplace=True), *layers[last + 1:])
+    plan = make_plan(changed)
+    assert plan.tails[last] is not None and sum(t is not None for t in plan.tails) == 2
+    x = padded(photo(96, 120))
+    budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * 2 / 0.75) + 1
+    with torch.inference_mode():
+        assert psnr(changed(x), tiled_forward(changed, x, plan, 32, budget)) >= 100
