@@ -169,7 +169,7 @@ class Stylizer:
         # Pictures that need tiles run in torch (whole-picture statistics); onnxruntime would run them whole.
         padded = torch.empty(1, 3, height + (-height) % self.multiple, width + (-width) % self.multiple,
                              device="meta")
-        if self.device.type != "cpu" or not onnx_available() or self._tiling(padded)[0]:
+        if self.device.type != "cpu" or not onnx_available() or self._tiling(padded, available_memory(self.device))[0]:
             return "torch"
         if self._faster is None:
             try:
@@ -204,19 +204,21 @@ class Stylizer:
         x = pad_to_multiple(x, self.multiple, min_side(self.multiple))
         if self.cast:
             x = x.to(self.precision.dtype, memory_format=torch.channels_last)
-        tile, budget = self._tiling(x)
+        free = available_memory(self.device)  # read once: each read of /proc/meminfo takes a moment
+        tile, budget = self._tiling(x, free)
         heap = contextlib.nullcontext()
         if self.device.type == "cpu":  # see styleshift.heap
             if tile:  # the tiler keeps freed memory pass by pass where that is safe
                 return_freed_memory()
-            elif self._may_keep_freed_memory(x):
+            elif self._may_keep_freed_memory(x, free):
                 heap = keep_freed_memory()
         with heap, contextlib.nullcontext() if self.cast else self.precision.autocast():
             y = tiled_forward(self.net, x, self._plan, self.tile_size, budget) if tile else self.net(x)
         return y[..., :h, :w]
 
-    def _tiling(self, x: torch.Tensor) -> tuple[int, int]:
-        """(tile side, memory budget) for a padded batch; tile side 0 runs it whole."""
+    def _tiling(self, x: torch.Tensor, free: int) -> tuple[int, int]:
+        """(tile side, memory budget) for a padded batch, given the memory free now; tile side 0 runs it
+        whole."""
         if self.tile_size == 0:
             return 0, 0
         plan = self._get_plan(x.shape[1])
@@ -224,10 +226,10 @@ class Stylizer:
             if self.tile_size is not None:
                 raise self._plan_error
             return 0, 0  # a network tiling cannot reason about runs whole
-        budget = working_memory(self.device)
+        budget = working_memory(self.device, free)
         h, w = x.shape[-2:]
         if self.tile_size is None:
-            return choose_tile_size(h, w * x.shape[0], plan, budget, whole_picture_limit(self.device)), budget
+            return choose_tile_size(h, w * x.shape[0], plan, budget, whole_picture_limit(self.device, free)), budget
         return (self.tile_size if self.tile_size < max(h, w) else 0), budget
 
     def _get_plan(self, channels: int) -> Plan | None:
@@ -241,14 +243,14 @@ class Stylizer:
                 hand_back()  # the probe's allocations, and for a bf16 network its fp32 copy
         return self._plan
 
-    def _may_keep_freed_memory(self, x: torch.Tensor) -> bool:
+    def _may_keep_freed_memory(self, x: torch.Tensor, free: int) -> bool:
         """Whether a padded batch run whole may keep its freed memory (styleshift.heap), trading memory for
         time: only where its peak then, KEPT_PEAK times the plan's estimate, fits a quarter of what is free.
         (Not the whole-picture limit: fp32 at 1024 x 1024 peaks above that already, and keeping then costs
         it 14% more memory for 0.8x the time.)"""
         plan = self._get_plan(x.shape[1])
         return plan is not None and \
-            KEPT_PEAK * plan.bytes_per_pixel * x[:, 0].numel() <= available_memory(self.device) / 4
+            KEPT_PEAK * plan.bytes_per_pixel * x[:, 0].numel() <= free / 4
 
 
 def _read(path: Path, direction: str) -> tuple[Style, tuple[int, int, int] | None]:

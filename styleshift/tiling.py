@@ -264,9 +264,10 @@ def available_memory(device: torch.device) -> int:
         return 4 * 2**30
 
 
-def working_memory(device: torch.device) -> int:
-    """The default budget: on a GPU half of what is free; on a CPU a fixed share, less when memory is short."""
-    free = available_memory(device)
+def working_memory(device: torch.device, free: int | None = None) -> int:
+    """The default budget: on a GPU half of what is free; on a CPU a fixed share, less when memory is short.
+    free: available_memory(device), where the caller has it already."""
+    free = available_memory(device) if free is None else free
     if device.type == "cuda":
         return free // 2
     return min(CPU_WORKING_MEMORY, free // 4)
@@ -280,8 +281,8 @@ def working_memory(device: torch.device) -> int:
 CPU_WHOLE_PICTURE = 1 << 30
 
 
-def whole_picture_limit(device: torch.device) -> int:
-    free = available_memory(device)
+def whole_picture_limit(device: torch.device, free: int | None = None) -> int:
+    free = available_memory(device) if free is None else free
     if device.type == "cuda":
         return free // 2
     return min(CPU_WHOLE_PICTURE, free // 4)
