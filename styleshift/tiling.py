@@ -168,18 +168,22 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
     x = torch.randn(1, in_channels, probe, probe, generator=torch.Generator().manual_seed(0))
     x = x.to(param.device if param is not None else "cpu")
     leaves, norms, current = [], [], [0]  # norms: (layer, module, its input) in execution order
-    hooks = [m.register_forward_hook(lambda m, i, o: leaves.append((current[0], m, i[0].shape, o.shape)))
-             for m in layers.modules() if next(m.children(), None) is None]
 
-    def on_norm(m, i, o):  # returns None: a forward hook's return value would replace the output
-        norms.append((current[0], m, i[0].clone()))  # copies (probe-sized): a later layer may work in place
+    def on_leaf(m, i, o):  # returns None: a forward hook's return value would replace the output
+        if current[0] is not None:  # None: a residual block's check runs its layers again (below)
+            leaves.append((current[0], m, i[0].shape, o.shape))
 
+    def on_norm(m, i, o):
+        if current[0] is not None:
+            norms.append((current[0], m, i[0]))
+
+    hooks = [m.register_forward_hook(on_leaf) for m in layers.modules() if next(m.children(), None) is None]
     hooks += [m.register_forward_hook(on_norm) for m in layers.modules() if isinstance(m, nn.InstanceNorm2d)]
     try:
-        h, scales, residual, out_bytes, ends = x, [], [], [], []
+        h, scales, residual, out_bytes, tails = x, [], [], [], []
         for k, layer in enumerate(layers):
             current[0] = k
-            before, calls = h.clone(), len(leaves)
+            before, calls = h, len(leaves)
             h = layer(h)
             scales.append(_scale(probe, h.shape[-1]))
             out_bytes.append(4 * h.numel() / probe**2)
@@ -188,7 +192,12 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
                             and h.shape == before.shape == z.shape
                             and torch.allclose(h, before + F.instance_norm(z, eps=norm.eps), atol=1e-5)
                             and not norm.affine)
-            ends.append((before, h.clone()))  # as the block left it, before a ReLU(inplace=True) after it
+            # Checked now, while `h` is still the block's output: a layer after it may work in place
+            # (ReLU(inplace=True)). Copying every layer's output to check later moved a 1536 x 2048 picture's
+            # peak memory from 0.88-1.01 GiB to 0.94-1.03 GiB: the copies' holes stay in the heap.
+            current[0] = None
+            tails.append(_tail(layer, [(m, y) for j, m, y in norms if j == k], before, h, scales[k])
+                         if residual[k] else None)
     finally:
         for hook in hooks:
             hook.remove()
@@ -200,11 +209,9 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
         peak[k] = max(peak[k], 1.25 * (math.prod(i) + math.prod(o)) * 4 / probe**2)
     stride = round(max(scales))
     checkpoint = max((b for b, s in zip(out_bytes, scales) if s == stride), default=0.0)
-    tails = tuple(_tail(layer, [(m, y) for j, m, y in norms if j == k], *ends[k], scales[k])
-                  if residual[k] else None for k, layer in enumerate(layers))
     return Plan(layers, tuple(reach), tuple(scales), tuple(k for k, _, _ in norms), tuple(m for _, m, _ in norms),
                 stride, max(peak), tuple(peak), tuple(out_bytes), checkpoint, h.shape[1], tuple(residual),
-                tails=tails)
+                tails=tuple(tails))
 
 
 def _tail(block: nn.Module, norms: list, before: torch.Tensor, after: torch.Tensor,
