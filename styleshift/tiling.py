@@ -69,8 +69,9 @@ from .heap import keep_freed_memory, trim
 # machine happens to have, so that several processes (or a desktop) can run side by side.
 CPU_WORKING_MEMORY = 384 * 2**20
 
-# ... of which a tile takes no more than this on a CPU, unless its halo needs more to stay a small part of it
-# (see Tiler._pass): larger tiles run no faster there, and only leave larger holes in the heap.
+# ... of which a tile takes no more than this on a CPU in fp32 (half in bf16: tiles of as many pixels), unless
+# its halo needs more to stay a small part of it (see Tiler._pass): larger tiles run no faster there, and
+# only leave larger holes in the heap.
 CPU_TILE_MEMORY = 64 * 2**20
 
 # Modules that compute each pixel from that pixel alone, and those that also pad or take statistics: neither
@@ -582,13 +583,17 @@ class Tiler:
         per_pixel = max(plan.layer_bytes_per_pixel[first:end + 1])
         for_tile = working
         if source.device.type == "cpu":
-            # Enough for a tile 32 halos wide, whose halo adds at most 14% to its work: the exact passes'
-            # halos are a few pixels, and ResNet-9 at 1536 x 2048 (bf16) then runs as fast in 64 MiB tiles as in
-            # the 184 MiB the buffers leave (8.99 vs 9.29 s, median of 4 alternating), and peaks about 130 MB lower
-            # (1001-1047 vs 1153-1200 MiB, 6 processes each). A block's two passes, whose halos differ by one
-            # convolution's, get tiles of nearly one size, which `spans` usually evens out into one tiling, so
-            # each reuses the memory the other freed (see __call__).
-            for_tile = min(working, max(CPU_TILE_MEMORY, per_pixel * (32 * halo * scale) ** 2))
+            # Tiles of as many pixels as CPU_TILE_MEMORY holds in fp32 (half of it in bf16), or 32 halos wide if
+            # that is more (a halo then adds at most 14% to a tile's work): the exact passes' halos are a few
+            # pixels. ResNet-9 at 1536 x 2048 in bf16 ran as fast in 64 MiB tiles as in the 184 MiB the buffers
+            # leave (8.99 vs 9.29 s, median of 4 alternating) and peaked about 130 MB lower; in 32 MiB tiles as
+            # fast again (8.5-9.5 s against 8.7-9.4) at 855-905 MiB against 924-950 for 48 and 960-1006 for 64
+            # (3-6 processes each), the decoder's last pass most of that; 24 MiB was slower (9.8-10.6 s). In
+            # fp32, 32 MiB tiles took 37-40 s, against 34-36 s in 64, for no less memory. A block's two passes,
+            # whose halos differ by one convolution's, get tiles of nearly one size, which `spans` usually evens
+            # out into one tiling, so each reuses the memory the other freed (see __call__).
+            pixels = CPU_TILE_MEMORY * source.element_size() / 4
+            for_tile = min(working, max(pixels, per_pixel * (32 * halo * scale) ** 2))
         tile = self.tile or fitting_tile(plan, per_pixel, halo * scale, for_tile)
         out, out_scale = None, plan.scale[capture] / scale if capture is not None else 1.0
         row_bytes = plan.out_bytes_per_pixel[capture] * w * scale if capture is not None else 0.0
