@@ -96,6 +96,6 @@ def test_exact_tiling_keeps_freed_memory_pass_by_pass(tiny_style, monkeypatch):
     assert len(trims) == changes < len(shapes)
 
     trims.clear()
-    monkeypatch.setattr(stylizer, "working_memory", lambda device: 1)  # no room for a checkpoint
+    monkeypatch.setattr(stylizer, "working_memory", lambda device, free=None: 1)  # no room for a checkpoint
     exact.stylize(photo)
     assert trims == [0]
