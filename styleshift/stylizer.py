@@ -204,7 +204,9 @@ class Stylizer:
         x = pad_to_multiple(x, self.multiple, min_side(self.multiple))
         if self.cast:
             x = x.to(self.precision.dtype, memory_format=torch.channels_last)
-        free = available_memory(self.device)  # read once: each read of /proc/meminfo takes a moment
+        if self.tile_size != 0:
+            self._get_plan(x.shape[1])  # first: the free memory below is then what the probe left
+        free = available_memory(self.device)  # one reading for the budget, the limit and the heap below
         tile, budget = self._tiling(x, free)
         heap = contextlib.nullcontext()
         if self.device.type == "cpu":  # see styleshift.heap

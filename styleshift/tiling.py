@@ -194,8 +194,8 @@ def make_plan(net: nn.Module, in_channels: int = 3, probe: int = 64) -> Plan:
                             and torch.allclose(h, before + F.instance_norm(z, eps=norm.eps), atol=1e-5)
                             and not norm.affine)
             # Checked now, while `h` is still the block's output: a layer after it may work in place
-            # (ReLU(inplace=True)). Copying every layer's output to check later moved a 1536 x 2048 picture's
-            # peak memory from 0.88-1.01 GiB to 0.94-1.03 GiB: the copies' holes stay in the heap.
+            # (ReLU(inplace=True)). (Copying every layer's probe output to check them at the end shifted the
+            # heap: 1536 x 2048 bf16 peaks of 944-1025 MiB over 12 processes, against 902-1021 without copies.)
             current[0] = None
             tails.append(_tail(layer, [(m, y) for j, m, y in norms if j == k], before, h, scales[k])
                          if residual[k] else None)
@@ -588,12 +588,13 @@ class Tiler:
             # pixels. ResNet-9 at 1536 x 2048 in bf16 ran as fast in 64 MiB tiles as in the 184 MiB the buffers
             # leave (8.99 vs 9.29 s, median of 4 alternating) and peaked about 130 MB lower; in 32 MiB tiles as
             # fast again (8.5-9.5 s against 8.7-9.4) at 855-905 MiB against 924-950 for 48 and 960-1006 for 64
-            # (3-6 processes each), the decoder's last pass most of that; 24 MiB was slower (9.8-10.6 s). In
-            # fp32, 32 MiB tiles took 37-40 s, against 34-36 s in 64, for no less memory. A block's two passes,
-            # whose halos differ by one convolution's, get tiles of nearly one size, which `spans` usually evens
-            # out into one tiling, so each reuses the memory the other freed (see __call__).
-            pixels = CPU_TILE_MEMORY * source.element_size() / 4
-            for_tile = min(working, max(pixels, per_pixel * (32 * halo * scale) ** 2))
+            # (3-6 processes each; 949 the largest of a benchmark's 3 later), the decoder's last pass most of
+            # that; 24 MiB was slower (9.8-10.6 s). In fp32, 32 MiB tiles took 37-40 s, against 34-36 s in 64,
+            # for no less memory. A block's two passes, whose halos differ by one convolution's, get tiles of
+            # nearly one size, which `spans` usually evens out into one tiling, so each reuses the memory the
+            # other freed (see __call__).
+            tile_bytes = CPU_TILE_MEMORY * plan.dtype.itemsize / 4  # per_pixel is in the plan's dtype too
+            for_tile = min(working, max(tile_bytes, per_pixel * (32 * halo * scale) ** 2))
         tile = self.tile or fitting_tile(plan, per_pixel, halo * scale, for_tile)
         out, out_scale = None, plan.scale[capture] / scale if capture is not None else 1.0
         row_bytes = plan.out_bytes_per_pixel[capture] * w * scale if capture is not None else 0.0
