@@ -169,7 +169,9 @@ class Stylizer:
         # Pictures that need tiles run in torch (whole-picture statistics); onnxruntime would run them whole.
         padded = torch.empty(1, 3, height + (-height) % self.multiple, width + (-width) % self.multiple,
                              device="meta")
-        if self.device.type != "cpu" or not onnx_available() or self._tiling(padded, available_memory(self.device))[0]:
+        if self.device.type != "cpu" or not onnx_available():
+            return "torch"
+        if self._tiling(padded, self._free_memory(padded.shape[1]))[0]:
             return "torch"
         if self._faster is None:
             try:
@@ -204,9 +206,7 @@ class Stylizer:
         x = pad_to_multiple(x, self.multiple, min_side(self.multiple))
         if self.cast:
             x = x.to(self.precision.dtype, memory_format=torch.channels_last)
-        if self.tile_size != 0:
-            self._get_plan(x.shape[1])  # first: the free memory below is then what the probe left
-        free = available_memory(self.device)  # one reading for the budget, the limit and the heap below
+        free = self._free_memory(x.shape[1])
         tile, budget = self._tiling(x, free)
         heap = contextlib.nullcontext()
         if self.device.type == "cpu":  # see styleshift.heap
@@ -217,6 +217,14 @@ class Stylizer:
         with heap, contextlib.nullcontext() if self.cast else self.precision.autocast():
             y = tiled_forward(self.net, x, self._plan, self.tile_size, budget) if tile else self.net(x)
         return y[..., :h, :w]
+
+    def _free_memory(self, channels: int) -> int:
+        """The memory free now, read once for a picture's budget, whole-picture limit and heap choice alike.
+        Read after the network's tiling plan is made, where the picture may need one (tiles; on a CPU the
+        heap choice), so that the first picture's reading is what the probe left, not what it held."""
+        if self.tile_size != 0 or self.device.type == "cpu":
+            self._get_plan(channels)
+        return available_memory(self.device)
 
     def _tiling(self, x: torch.Tensor, free: int) -> tuple[int, int]:
         """(tile side, memory budget) for a padded batch, given the memory free now; tile side 0 runs it
