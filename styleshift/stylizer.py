@@ -18,8 +18,8 @@ from .heap import hand_back, keep_freed_memory, return_freed_memory
 from .images import Picture
 from .kernels import accelerate
 from .precision import Precision, resolve_device
-from .tiling import (Plan, available_memory, choose_tile_size, make_plan, tiled_forward, whole_picture_limit,
-                     working_memory)
+from .tiling import (Pixelwise, Plan, available_memory, choose_tile_size, make_plan, tiled_forward,
+                     whole_picture_limit, working_memory)
 
 
 # A whole forward's peak working memory while it keeps freed memory, in multiples of the tiling plan's
@@ -135,26 +135,20 @@ class Stylizer:
         # H x W x 3 seen as 1 x 3 x H x W: a channels-last view, no copy
         src = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None]
         engine = self.engine_for(*src.shape[-2:])
-        if self.cast and engine == "torch" and self.strength == 1.0 and not self.preserve_color:
-            # Nothing needs the photo in fp32 afterwards: convert to and from the network's dtype a strip at
-            # a time. A 4096 x 4096 picture then never holds a 200 MB fp32 copy on either side of the network.
-            x = torch.empty(src.shape, dtype=self.precision.dtype, device=self.device,
-                            memory_format=torch.channels_last)
-            for rows in _strips(src.shape[-2]):
-                x[..., rows, :] = _from_pixels(src[..., rows, :], top)
-            del src
-            y = self._forward(x)
-            del x
-            out = np.empty_like(pixels)
-            for rows in _strips(y.shape[-2]):
-                out[rows] = _to_pixels(y[0, :, rows, :].float(), top).cpu().numpy()
-            return out
+        if engine == "torch" and self.strength == 1.0 and not self.preserve_color:
+            # Nothing needs the photo in floats afterwards: pixels go to the network's dtype and back a tile (or
+            # a strip) at a time, so neither side holds a float copy of the picture (a 4096 x 4096 one: 200 MB
+            # in fp32; 1536 x 2048 in bf16: 36 MiB of a tiled picture's peak).
+            dtype, layout = self.precision.dtype if self.cast else torch.float32, self._layout
+            y = self._forward(src, prepare=lambda t: _from_pixels(t, top).to(dtype, memory_format=layout),
+                              finish=lambda t: _to_pixels(t.float(), top).to(src.dtype))
+            return np.ascontiguousarray(y[0].permute(1, 2, 0).cpu().numpy())  # no copy where it is one already
         x = _from_pixels(src, top)
         del src
         run = self.stylize_onnx if engine == "onnx" else self.stylize_tensor
         y = self.finish(run(x), x)
         del x  # with y, and a third copy below, a 4096 x 4096 picture would hold 600 MB of floats
-        return _to_pixels(y[0], top).cpu().numpy().astype(pixels.dtype)  # in place: y is ours
+        return _to_pixels(y[0], top).permute(1, 2, 0).cpu().numpy().astype(pixels.dtype)  # in place: y is ours
 
     def finish(self, styled: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
         """The network's output with the photo's colours (if preserve_color), at the chosen strength."""
@@ -200,12 +194,15 @@ class Stylizer:
         so the output keeps the input's exact size (never squashed)."""
         return self._forward(x).float()
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """stylize_tensor, its result in the network's dtype."""
+    def _forward(self, x: torch.Tensor, prepare: Pixelwise | None = None, finish: Pixelwise | None = None
+                 ) -> torch.Tensor:
+        """`finish(net(prepare(x)))` for a batch of any size, cropped back to it; by default prepare casts to
+        the network's dtype and finish leaves its output so. Both run a tile or a strip at a time (pixelwise):
+        no whole copy of the batch is made for them."""
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.multiple, min_side(self.multiple))
-        if self.cast:
-            x = x.to(self.precision.dtype, memory_format=torch.channels_last)
+        if prepare is None and self.cast:
+            prepare = lambda t: t.to(self.precision.dtype, memory_format=self._layout)  # noqa: E731
         free = self._free_memory(x.shape[1])
         tile, budget = self._tiling(x, free)
         heap = contextlib.nullcontext()
@@ -214,9 +211,19 @@ class Stylizer:
                 return_freed_memory()
             elif self._may_keep_freed_memory(x, free):
                 heap = keep_freed_memory()
+        if not tile:  # before the heap keeps freed memory: its strips' copies would settle in the kept blocks
+            x = _pixelwise(x, prepare, self._layout)
         with heap, contextlib.nullcontext() if self.cast else self.precision.autocast():
-            y = tiled_forward(self.net, x, self._plan, self.tile_size, budget) if tile else self.net(x)
+            y = tiled_forward(self.net, x, self._plan, self.tile_size, budget, prepare, finish) if tile else self.net(x)
+        if not tile:
+            del x
+            y = _pixelwise(y, finish, self._layout)
         return y[..., :h, :w]
+
+    @property
+    def _layout(self) -> torch.memory_format:
+        """The network's input layout: channels-last for the bf16 network on a CPU (see __init__)."""
+        return torch.channels_last if self.cast else torch.contiguous_format
 
     def _free_memory(self, channels: int) -> int:
         """The memory free now, read once for a picture's budget, whole-picture limit and heap choice alike.
@@ -276,8 +283,18 @@ def _identity(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _strips(height: int, rows: int = 256) -> list[slice]:
-    return [slice(r, r + rows) for r in range(0, height, rows)]
+def _pixelwise(x: torch.Tensor, f: Pixelwise | None, layout: torch.memory_format, rows: int = 256) -> torch.Tensor:
+    """f(x) for a pixelwise f, a few rows at a time: f's intermediate copies are a strip's, not the batch's."""
+    if f is None:
+        return x
+    out = None
+    for r in range(0, x.shape[-2], rows):
+        part = f(x[..., r:r + rows, :])
+        if out is None:
+            out = torch.empty((*part.shape[:2], *x.shape[-2:]), dtype=part.dtype, device=part.device,
+                              memory_format=layout)
+        out[..., r:r + rows, :] = part
+    return out
 
 
 def _from_pixels(x: torch.Tensor, top: float) -> torch.Tensor:
@@ -286,5 +303,5 @@ def _from_pixels(x: torch.Tensor, top: float) -> torch.Tensor:
 
 
 def _to_pixels(y: torch.Tensor, top: float) -> torch.Tensor:
-    """3 x H x W fp32 in [-1, 1] (modified in place) -> H x W x 3 in 0..top, rounded, same dtype."""
-    return y.permute(1, 2, 0).add_(1.0).mul_(top / 2.0).round_().clamp_(0, top)
+    """fp32 in [-1, 1] (modified in place) -> 0..top, rounded, same shape and dtype."""
+    return y.add_(1.0).mul_(top / 2.0).round_().clamp_(0, top)

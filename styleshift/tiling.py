@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, replace
 
@@ -63,6 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .heap import keep_freed_memory, trim
+
+Pixelwise = Callable[[torch.Tensor], torch.Tensor]  # computes each pixel from that pixel alone
 
 # Working memory allowed by default on a CPU, beyond the picture and its result. Fixed rather than "all that
 # is free": a 1536 x 2048 picture should take a quarter of a plain forward's memory, not whatever the
@@ -449,10 +452,16 @@ def spans(length: int, tile: int, align: int) -> list[tuple[int, int]]:
 
 class Tiler:
     """Runs `plan.layers` over a 1 x C x H x W picture (sides multiples of the stride) tile by tile, with
-    whole-picture statistics in every instance norm (see the module docstring)."""
+    whole-picture statistics in every instance norm (see the module docstring).
 
-    def __init__(self, plan: Plan, tile: int | None, budget: int) -> None:
+    `prepare` and `finish`, pixelwise functions, map windows of the picture to the network's input and pieces
+    of its output to the result: the picture may then stay in a smaller type (8-bit pixels) and the result
+    take one, with no whole-picture copy on either side (36 MiB at 1536 x 2048 in bf16)."""
+
+    def __init__(self, plan: Plan, tile: int | None, budget: int, prepare: Pixelwise | None = None,
+                 finish: Pixelwise | None = None) -> None:
         self.plan, self.tile, self.budget = plan, tile, budget
+        self.prepare, self.finish = prepare or _unchanged, finish or _unchanged
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -466,7 +475,8 @@ class Tiler:
         checkpoint = plan.checkpoint_bytes_per_pixel * h * w
         exact = checkpoint <= 0.75 * self.budget
         if not exact and plan.norms:
-            norms.record(plan.layers[:plan.norm_layer[-1] + 1], downscale_to_fit(x, plan, self.budget))
+            norms.record(plan.layers[:plan.norm_layer[-1] + 1],
+                         downscale_to_fit(self.prepare(x), plan, self.budget))
         # On a CPU the exact passes' tiles reuse what the tile before them freed (styleshift.heap), and what a
         # pass freed goes back before the next unless that one cuts the same map into the same tiles: tiles
         # of other shapes would fit its holes badly. ResNet-9 at 1536 x 2048 in bf16, whose trunk passes all
@@ -632,36 +642,46 @@ class Tiler:
         # next strip (`below`) and the columns left of the next tile (`left`). No strip of results is held
         # (it was 48 MiB for each residual block of ResNet-9 at 1536 x 2048 in bf16).
         saved = None
-        for y0, y1 in (rows[::-1] if order == "up" else rows):
-            a0, a1 = max(y0 - halo, 0), min(y1 + halo, h)
+        # Windows of one size where tiles are read in any order (not in place, not over the source): see _windows.
+        even = not in_place and order is None
+        row_windows, column_windows = _windows(rows, halo, h, even), _windows(columns, halo, w, even)
+        for (y0, y1), (a0, a1) in zip(*(reversed(v) if order == "up" else v for v in (rows, row_windows))):
             strip = left = None
             if in_place:
                 keep = min(halo, y1 - a0)  # rows of this strip and those above it that the next strip reads
                 below = torch.empty_like(source[..., y1 - min(keep, y1 - y0):y1, :], memory_format=self.layout)
-            for x0, x1 in columns:
-                b0, b1 = max(x0 - halo, 0), min(x1 + halo, w)
+            for (x0, x1), (b0, b1) in zip(columns, column_windows):
                 fh, fw = a1 - a0, b1 - b0
                 self._core = ((y0 - a0) / fh, (y1 - a0) / fh, (x0 - b0) / fw, (x1 - b0) / fw)
                 if not in_place:
                     window = source[..., a0:a1, b0:b1]
+                    if first == 0 and tail is None:
+                        window = self.prepare(window)
                 else:
                     window = source[..., y0:a1, b0:b1]
-                    if left is not None and x0 > b0:
-                        window = torch.cat([torch.cat([left[..., b0 - x0:], source[..., y1:a1, b0:x0]], dim=-2),
-                                            source[..., y0:a1, x0:b1]], dim=-1)
-                    if saved is not None:
-                        window = torch.cat([saved[..., b0:b1], window], dim=-2)
+                    if (left is not None and x0 > b0) or saved is not None:
+                        top = 0 if saved is None else saved.shape[-2]
+                        window = torch.empty((*source.shape[:2], top + a1 - y0, b1 - b0), dtype=source.dtype,
+                                             device=source.device, memory_format=self.layout)
+                        if saved is not None:
+                            window[..., :top, :] = saved[..., b0:b1]
+                        window[..., top:, :] = source[..., y0:a1, b0:b1]
+                        if left is not None and x0 > b0:
+                            window[..., top:top + y1 - y0, :x0 - b0] = left[..., b0 - x0:]
+                window = [window]  # _run empties it: a window made of copies is freed once its first layer has read it
                 core = self._run(window, modules, captured, at_norm)
-                del window
                 if capture is None:
                     continue
                 if in_place:
                     replaced = source[..., y0:y1, x0:x1]
                     below[..., x0:x1] = replaced[..., replaced.shape[-2] - below.shape[-2]:, :]
                     if halo:
-                        left = (replaced if left is None else torch.cat([left, replaced], dim=-1))[..., -halo:].clone()
+                        left = (replaced if left is None or replaced.shape[-1] >= halo
+                                else torch.cat([left, replaced], dim=-1))[..., -halo:].clone()
                     replaced.copy_(core)
                     continue
+                if capture == len(plan.layers) - 1:
+                    core = self.finish(core)
                 c0, c1, d0, d1 = (round(v / out_scale) for v in (y0, y1, x0, x1))
                 if out is None:
                     size = (source.shape[0], core.shape[1], round(h / out_scale), round(w / out_scale))
@@ -704,10 +724,12 @@ class Tiler:
                 return _map(source, shape, self.layout, end)
         return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=self.layout)
 
-    def _run(self, t: torch.Tensor, modules: nn.Sequential, capture: int | None,
+    def _run(self, tile: list[torch.Tensor], modules: nn.Sequential, capture: int | None,
              at_norm: bool = False) -> torch.Tensor | None:
-        """One tile through `modules`: the core of module `capture`'s output (if any), or with `at_norm` of
-        the measured norm's input; a view, for the caller to copy where it belongs."""
+        """One tile (the one item of `tile`, taken out of it so that nothing else holds it while the layers
+        run) through `modules`: the core of module `capture`'s output (if any), or with `at_norm` of the
+        measured norm's input; a view, for the caller to copy where it belongs."""
+        t = tile.pop()
         core, kept = self._core, None
         self.norms.core = core
         if not isinstance(_first_leaf(modules), PADS_AND_CONVS):
@@ -725,6 +747,20 @@ class Tiler:
             if at_norm:
                 kept, self.norms.kept = self.norms.kept, None  # the view holds the whole tile: not a pass longer
         return kept
+
+
+def _windows(spans: list[tuple[int, int]], halo: int, length: int, even: bool) -> list[tuple[int, int]]:
+    """The window each span of a side is read through: the span and `halo` pixels each side, within 0..length.
+    With `even`, every window as long as the longest, those at the ends reaching further in (the extra pixels
+    are discarded with the halo): every tile's layers then ask for blocks of the same sizes, which glibc hands
+    back out whole. With the few pixels' difference of border tiles, a larger block did not fit where a smaller
+    one was freed, and the heap grew by it: ResNet-9 at 1536 x 2048 in bf16 grew by 60 MB in the decoder's last
+    pass, to a 903 MiB peak (840 with even windows). Window ends stay on multiples of the stride, as the spans'."""
+    windows = [(max(a - halo, 0), min(b + halo, length)) for a, b in spans]
+    if not even:
+        return windows
+    size = max(b - a for a, b in windows)
+    return [(min(a + size, length) - size, min(a + size, length)) for a, b in windows]
 
 
 def _overlay(source: torch.Tensor, shape: tuple[int, ...], rows: list[tuple[int, int]], halo: int) -> str | None:
@@ -778,6 +814,10 @@ def _elementwise(layers: nn.Sequential, norms: tuple[nn.Module, ...]) -> bool:
     return all(elementwise(m) for m in layers.modules())
 
 
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _first_leaf(module: nn.Module) -> nn.Module:
     """The first module without children, in registration order (a guess at what runs first; only speed
     depends on it)."""
@@ -788,11 +828,13 @@ def _first_leaf(module: nn.Module) -> nn.Module:
         module = children[0]
 
 
-def tiled_forward(net: nn.Module, x: torch.Tensor, plan: Plan, tile: int | None, budget: int) -> torch.Tensor:
-    """`net(x)` for an N x C x H x W input whose sides are multiples of the stride, computed in tiles with
-    whole-picture statistics (each picture of the batch its own). Tiles are `tile` px a side, or with None
-    as large as `budget` allows for the layers each pass runs."""
-    tiler = Tiler(plan, tile, budget)
+def tiled_forward(net: nn.Module, x: torch.Tensor, plan: Plan, tile: int | None, budget: int,
+                  prepare: Pixelwise | None = None, finish: Pixelwise | None = None) -> torch.Tensor:
+    """`finish(net(prepare(x)))` for an N x C x H x W input whose sides are multiples of the stride, computed in
+    tiles with whole-picture statistics (each picture of the batch its own). Tiles are `tile` px a side, or with
+    None as large as `budget` allows for the layers each pass runs. `prepare` and `finish` (pixelwise, by
+    default none) run on each tile: see Tiler."""
+    tiler = Tiler(plan, tile, budget, prepare, finish)
     if x.shape[0] == 1:
         return tiler(x)  # torch.cat would copy the one result: a whole picture's worth more memory
     return torch.cat([tiler(x[n:n + 1]) for n in range(x.shape[0])])

@@ -241,6 +241,20 @@ def test_tile_size_follows_the_memory_budget():
     assert choose_tile_size(512, 512, plan, big // 4, whole_limit=big) == 0
 
 
+@pytest.mark.parametrize("length, tile, halo", [(384, 128, 4), (1536, 304, 12), (100, 36, 8), (64, 64, 8)])
+def test_even_windows_are_one_size_and_hold_each_span_with_its_halo(length, tile, halo):
+    """Tiles read in any order get windows of one size (their layers then reuse each other's memory blocks):
+    each still holds its span and the halo on both sides (within the picture), and starts on the alignment."""
+    from styleshift.tiling import _windows
+
+    rows = spans(length, tile, 4)
+    windows = _windows(rows, halo, length, even=True)
+    assert len({b - a for a, b in windows}) == 1
+    for (y0, y1), (a0, a1) in zip(rows, windows):
+        assert 0 <= a0 <= max(y0 - halo, 0) and min(y1 + halo, length) <= a1 <= length and a0 % 4 == 0
+    assert _windows(rows, halo, length, even=False) == [(max(a - halo, 0), min(b + halo, length)) for a, b in rows]
+
+
 def test_strips_lower_than_the_halo():
     """Tiles smaller than the halo: the rows a strip reads above itself span several strips written in place."""
     net = perturbed(GeneratorConfig(ngf=8, arch="resnet_6blocks", n_blocks=2))
@@ -494,41 +508,33 @@ def test_only_elementwise_layers_are_applied_rows_at_a_time():
     assert not _elementwise(nn.Sequential(nn.Dropout(0.5).train()), plan.norms)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("tile", [0, 64], ids=["whole", "tiled"])
-def test_bf16_pictures_convert_in_strips_to_the_same_pixels(tile):
-    """Stylizer.stylize converts a bf16 network's input and output a strip at a time (no fp32 copy of a
-    large picture): the same pixels as the whole-tensor route, and the photo-blending options still work."""
+def test_pictures_convert_by_tiles_or_strips_to_the_same_pixels(tile, bits, precision, monkeypatch):
+    """Stylizer.stylize converts pixels to the network's input and its output back to pixels a tile (or a strip)
+    at a time, handing the tiler the picture itself (no float copy of a large picture): the same pixels as the
+    whole-tensor route, for 8- and 16-bit pictures whose sides need padding, and photo blending still works."""
+    from styleshift import stylizer as module
     from styleshift.stylizer import _to_pixels
 
+    top, dtype = (255.0, np.uint8) if bits == 8 else (65535.0, np.uint16)
     cfg = GeneratorConfig(arch="resnet_6blocks", ngf=8, n_blocks=2)
     net = perturbed(cfg, seed=2)
     style = Style(cfg, {"forward": net.state_dict(), "inverse": net.state_dict()})
-    pixels = ((photo(301, 517) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy().astype(np.uint8)
-    s = Stylizer(style, device="cpu", precision="bf16", tile_size=tile)
+    pixels = ((photo(149, 203) + 1) * top / 2).round()[0].permute(1, 2, 0).numpy().astype(dtype)
+    s = Stylizer(style, device="cpu", precision=precision, tile_size=tile)
     with torch.inference_mode():
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().mul_(2 / 255).sub_(1)
-        expected = _to_pixels(s.stylize_tensor(x)[0], 255.0).numpy().astype(np.uint8)
+        x = torch.from_numpy(pixels.astype(np.int32)).permute(2, 0, 1)[None].float().mul_(2 / top).sub_(1)
+        expected = _to_pixels(s.stylize_tensor(x), top)[0].permute(1, 2, 0).numpy().astype(dtype)
+    given = []
+    real = module.tiled_forward
+    monkeypatch.setattr(module, "tiled_forward", lambda net, x, *a: given.append(x.dtype) or real(net, x, *a))
     out = s.stylize(pixels)
-    assert out.dtype == np.uint8 and np.array_equal(out, expected)
-    half = Stylizer(style, device="cpu", precision="bf16", tile_size=tile, strength=0.5).stylize(pixels)
+    assert out.dtype == dtype and out.flags.c_contiguous and np.array_equal(out, expected)
+    assert given == ([] if tile == 0 else [torch.uint8 if bits == 8 else torch.int32])  # 16 bits: padded as int32
+    half = Stylizer(style, device="cpu", precision=precision, tile_size=tile, strength=0.5).stylize(pixels)
     assert np.abs(half.astype(float) - (pixels.astype(float) + out) / 2).max() <= 1.0  # the lerp, rounded
-
-
-def test_bf16_strips_keep_16_bit_pictures_and_blend_like_fp32_maths():
-    from styleshift.stylizer import _to_pixels
-
-    cfg = GeneratorConfig(arch="resnet_6blocks", ngf=8, n_blocks=2)
-    net = perturbed(cfg, seed=2)
-    style = Style(cfg, {"forward": net.state_dict(), "inverse": net.state_dict()})
-    deep = ((photo(75, 101) + 1) * 32767.5).round()[0].permute(1, 2, 0).numpy().astype(np.uint16)
-    s = Stylizer(style, device="cpu", precision="bf16", tile_size=0)
-    with torch.inference_mode():
-        x = torch.from_numpy(deep.astype(np.int32)).permute(2, 0, 1)[None].float().mul_(2 / 65535).sub_(1)
-        expected = _to_pixels(s.stylize_tensor(x)[0], 65535.0).numpy().astype(np.uint16)
-    out = s.stylize(deep)
-    assert out.dtype == np.uint16 and np.array_equal(out, expected)
-    half = Stylizer(style, device="cpu", precision="bf16", tile_size=0, strength=0.5).stylize(deep)
-    assert np.abs(half.astype(float) - (deep.astype(float) + out) / 2).max() <= 1.0
 
 
 def test_a_block_followed_by_an_in_place_activation_still_splits():
