@@ -79,10 +79,11 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.T
     pw = max(minimum - w, 0) + (-max(w, minimum)) % multiple
     if not (ph or pw):
         return x
-    if x.dtype == torch.uint16:  # 16-bit pixels: PyTorch pads no uint16 (int32 holds them exactly)
-        x = x.to(torch.int32)
     # Reflection continues the picture's texture at the border; it needs a side longer than the pad.
-    return F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+    mode = "reflect" if min(h, w) > max(ph, pw) else "replicate"
+    if x.dtype == torch.uint16:  # 16-bit pixels: PyTorch pads no uint16, but padding only copies, so as int16
+        return F.pad(x.view(torch.int16), (0, pw, 0, ph), mode=mode).view(torch.uint16)
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
 def min_side(multiple: int) -> int:

@@ -18,7 +18,7 @@ from .heap import hand_back, keep_freed_memory, return_freed_memory
 from .images import Picture
 from .kernels import accelerate
 from .precision import Precision, resolve_device
-from .tiling import (Pixelwise, Plan, available_memory, choose_tile_size, make_plan, tiled_forward,
+from .tiling import (Pixelwise, Plan, available_memory, choose_tile_size, make_plan, pixelwise, tiled_forward,
                      whole_picture_limit, working_memory)
 
 
@@ -137,8 +137,8 @@ class Stylizer:
         engine = self.engine_for(*src.shape[-2:])
         if engine == "torch" and self.strength == 1.0 and not self.preserve_color:
             # Nothing needs the photo in floats afterwards: pixels go to the network's dtype and back a tile (or
-            # a strip) at a time, so neither side holds a float copy of the picture (a 4096 x 4096 one: 200 MB
-            # in fp32; 1536 x 2048 in bf16: 36 MiB of a tiled picture's peak).
+            # a strip) at a time, so no fp32 copy of the picture is made (a 4096 x 4096 one: 200 MB), and a tiled
+            # picture holds none in the network's dtype either (1536 x 2048 in bf16: 36 MiB of its peak).
             dtype, layout = self.precision.dtype if self.cast else torch.float32, self._layout
             y = self._forward(src, prepare=lambda t: _from_pixels(t, top).to(dtype, memory_format=layout),
                               finish=lambda t: _to_pixels(t.float(), top).to(src.dtype))
@@ -198,7 +198,8 @@ class Stylizer:
                  ) -> torch.Tensor:
         """`finish(net(prepare(x)))` for a batch of any size, cropped back to it; by default prepare casts to
         the network's dtype and finish leaves its output so. Both run a tile or a strip at a time (pixelwise):
-        no whole copy of the batch is made for them."""
+        no copy of the batch in another type is made for them beyond what the network itself reads (a whole
+        picture's input; a tiled one's downscaled copy, where its statistics are estimated)."""
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.multiple, min_side(self.multiple))
         if prepare is None and self.cast:
@@ -212,12 +213,12 @@ class Stylizer:
             elif self._may_keep_freed_memory(x, free):
                 heap = keep_freed_memory()
         if not tile:  # before the heap keeps freed memory: its strips' copies would settle in the kept blocks
-            x = _pixelwise(x, prepare, self._layout)
+            x = pixelwise(x, prepare, self._layout)
         with heap, contextlib.nullcontext() if self.cast else self.precision.autocast():
             y = tiled_forward(self.net, x, self._plan, self.tile_size, budget, prepare, finish) if tile else self.net(x)
         if not tile:
             del x
-            y = _pixelwise(y, finish, self._layout)
+            y = pixelwise(y, finish, self._layout)
         return y[..., :h, :w]
 
     @property
@@ -281,20 +282,6 @@ def _read(path: Path, direction: str) -> tuple[Style, tuple[int, int, int] | Non
 def _identity(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _pixelwise(x: torch.Tensor, f: Pixelwise | None, layout: torch.memory_format, rows: int = 256) -> torch.Tensor:
-    """f(x) for a pixelwise f, a few rows at a time: f's intermediate copies are a strip's, not the batch's."""
-    if f is None:
-        return x
-    out = None
-    for r in range(0, x.shape[-2], rows):
-        part = f(x[..., r:r + rows, :])
-        if out is None:
-            out = torch.empty((*part.shape[:2], *x.shape[-2:]), dtype=part.dtype, device=part.device,
-                              memory_format=layout)
-        out[..., r:r + rows, :] = part
-    return out
 
 
 def _from_pixels(x: torch.Tensor, top: float) -> torch.Tensor:

@@ -456,7 +456,8 @@ class Tiler:
 
     `prepare` and `finish`, pixelwise functions, map windows of the picture to the network's input and pieces
     of its output to the result: the picture may then stay in a smaller type (8-bit pixels) and the result
-    take one, with no whole-picture copy on either side (36 MiB at 1536 x 2048 in bf16)."""
+    take one, with no whole-picture copy on either side in exact passes (36 MiB at 1536 x 2048 in bf16). With
+    estimated statistics the picture is converted whole, strip by strip, for its downscaled copy."""
 
     def __init__(self, plan: Plan, tile: int | None, budget: int, prepare: Pixelwise | None = None,
                  finish: Pixelwise | None = None) -> None:
@@ -475,8 +476,11 @@ class Tiler:
         checkpoint = plan.checkpoint_bytes_per_pixel * h * w
         exact = checkpoint <= 0.75 * self.budget
         if not exact and plan.norms:
-            norms.record(plan.layers[:plan.norm_layer[-1] + 1],
-                         downscale_to_fit(self.prepare(x), plan, self.budget))
+            # The picture in the network's type a strip at a time (no fp32 copy of a 4096 x 4096 one), downscaled,
+            # and let go before the statistics are taken on the copy (4096 x 4096: 963 MiB peak, 1050 with it held).
+            small = downscale_to_fit(pixelwise(x, self.prepare, self.layout), plan, self.budget)
+            norms.record(plan.layers[:plan.norm_layer[-1] + 1], small)
+            del small
         # On a CPU the exact passes' tiles reuse what the tile before them freed (styleshift.heap), and what a
         # pass freed goes back before the next unless that one cuts the same map into the same tiles: tiles
         # of other shapes would fit its holes badly. ResNet-9 at 1536 x 2048 in bf16, whose trunk passes all
@@ -609,8 +613,10 @@ class Tiler:
         out, out_scale = None, plan.scale[capture] / scale if capture is not None else 1.0
         row_bytes = plan.out_bytes_per_pixel[capture] * w * scale if capture is not None else 0.0
         # Written over the source when it has the same shape; never over the caller's input (first == 0).
+        finished = capture == len(plan.layers) - 1 and not at_norm and self.finish is not _unchanged
         in_place = tail is not None or (first > 0 and capture is not None and not at_norm and out_scale == 1
-                                        and source.dtype == plan.dtype and plan.channels(capture) == source.shape[1])
+                                        and source.dtype == plan.dtype and plan.channels(capture) == source.shape[1]
+                                        and not finished)  # a finished result may take another type
         # A result kept for later passes may go into the memory of a source of the tiler's own (see _buffer),
         # and over that source when the caller is done with it, even with another size (see _overlay).
         own = (capture is not None and capture < len(plan.layers) - 1 and first > 0 and source.dtype == plan.dtype
@@ -680,7 +686,7 @@ class Tiler:
                                 else torch.cat([left, replaced], dim=-1))[..., -halo:].clone()
                     replaced.copy_(core)
                     continue
-                if capture == len(plan.layers) - 1:
+                if finished:
                     core = self.finish(core)
                 c0, c1, d0, d1 = (round(v / out_scale) for v in (y0, y1, x0, x1))
                 if out is None:
@@ -816,6 +822,20 @@ def _elementwise(layers: nn.Sequential, norms: tuple[nn.Module, ...]) -> bool:
 
 def _unchanged(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def pixelwise(x: torch.Tensor, f: Pixelwise | None, layout: torch.memory_format, rows: int = 256) -> torch.Tensor:
+    """f(x) for a pixelwise f, a few rows at a time: f's intermediate copies are a strip's, not the batch's."""
+    if f is None or f is _unchanged:
+        return x
+    out = None
+    for r in range(0, x.shape[-2], rows):
+        part = f(x[..., r:r + rows, :])
+        if out is None:
+            out = torch.empty((*part.shape[:2], *x.shape[-2:]), dtype=part.dtype, device=part.device,
+                              memory_format=layout)
+        out[..., r:r + rows, :] = part
+    return out
 
 
 def _first_leaf(module: nn.Module) -> nn.Module:

@@ -212,6 +212,44 @@ def test_estimated_statistics_are_still_seamless():
     assert no_seams(whole, tiled, starts(x.shape[-2], tile, plan.stride), starts(x.shape[-1], tile, plan.stride))
 
 
+def test_prepare_and_finish_run_per_tile_as_on_the_whole_picture():
+    """tiled_forward with prepare and finish on 8-bit pixels gives finish(tiled_forward(prepare(pixels))) to the
+    bit, with exact statistics and with estimated ones (their downscaled copy made from prepared strips), and
+    for a network whose last layer is a norm (whose measured input is not the output, so not finished)."""
+    from torch import nn
+
+    def prepare(t):
+        return t.float().mul(2 / 255).sub(1)
+
+    def finish(t):
+        return t.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+    net = perturbed(GeneratorConfig(ngf=8, arch="resnet_6blocks", n_blocks=2))
+    ends_in_norm = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4))
+    x = padded(photo(200, 264))
+    pixels = ((x + 1) * 127.5).round().to(torch.uint8)
+    for network in (net, ends_in_norm):
+        plan = make_plan(network)
+        estimated = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1]) - 1
+        for budget in (1 << 30, estimated):
+            with torch.inference_mode():
+                expected = finish(tiled_forward(network, prepare(pixels), plan, 32, budget))
+                got = tiled_forward(network, pixels, plan, 32, budget, prepare, finish)
+            assert got.dtype == torch.uint8 and torch.equal(got, expected)
+
+
+def test_tiny_8_and_16_bit_pictures_are_padded_and_stylized():
+    """A picture thinner than the network's padding is padded by replication, in its own type (8 or 16 bits)."""
+    cfg = GeneratorConfig(arch="resnet_6blocks", ngf=8, n_blocks=2)
+    net = perturbed(cfg, seed=2)
+    style = Style(cfg, {"forward": net.state_dict(), "inverse": net.state_dict()})
+    for dtype, top in ((np.uint8, 255), (np.uint16, 65535)):
+        pixels = ((photo(5, 40) + 1) * top / 2).round()[0].permute(1, 2, 0).numpy().astype(dtype)
+        for tile in (None, 0):
+            out = Stylizer(style, device="cpu", tile_size=tile).stylize(pixels)
+            assert out.shape == pixels.shape and out.dtype == dtype and out.std() > 0
+
+
 def test_stylizer_tiles_odd_sizes_and_batches():
     cfg = GeneratorConfig(arch="resnet_6blocks", ngf=8, n_blocks=2)
     net = perturbed(cfg, seed=1)
@@ -532,7 +570,7 @@ def test_pictures_convert_by_tiles_or_strips_to_the_same_pixels(tile, bits, prec
     monkeypatch.setattr(module, "tiled_forward", lambda net, x, *a: given.append(x.dtype) or real(net, x, *a))
     out = s.stylize(pixels)
     assert out.dtype == dtype and out.flags.c_contiguous and np.array_equal(out, expected)
-    assert given == ([] if tile == 0 else [torch.uint8 if bits == 8 else torch.int32])  # 16 bits: padded as int32
+    assert given == ([] if tile == 0 else [torch.uint8 if bits == 8 else torch.uint16])
     half = Stylizer(style, device="cpu", precision=precision, tile_size=tile, strength=0.5).stylize(pixels)
     assert np.abs(half.astype(float) - (pixels.astype(float) + out) / 2).max() <= 1.0  # the lerp, rounded
 
