@@ -195,6 +195,11 @@ def test_halo_of_the_reference_generator():
     two transposed convolutions (4 + 2 px), c7s1 (3 px): 87 px, up to a multiple of the stride 4."""
     plan = make_plan(build_generator(GeneratorConfig(arch="resnet_9blocks", ngf=4)))
     assert (plan.halo, plan.stride, len(plan.norms)) == (88, 4, 2 + 1 + 18 + 2)
+    # A pass that stops at a norm needs only the reach of its layer's leaves before it: a residual block's first
+    # norm is one 3x3 convolution at 1/4 scale away (4 input px), its second two; norms that are layers, none.
+    blocks = [k for k, norm in enumerate(plan.norms) if plan.layers[plan.norm_layer[k]] is not norm]
+    assert [plan.norm_reach[k] for k in blocks] == [4.0, 8.0] * 9
+    assert all(plan.norm_reach[k] == 0 for k in range(len(plan.norms)) if k not in blocks)
 
 
 def test_estimated_statistics_are_still_seamless():
