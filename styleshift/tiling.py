@@ -494,8 +494,9 @@ class Tiler:
         # of other shapes would fit its holes badly. ResNet-9 at 1536 x 2048 in bf16, whose trunk passes all
         # cut alike: 7.0-8.1 s at a peak RSS of 1.14-1.24 GiB, against 8.2-9.1 s (same peak) handing memory back
         # before every pass (1.4 million page faults, 0.4 now), 11.4 s returning every feature map at once,
-        # and 7.6 s but up to 1.56 GiB keeping all until the end. In fp32 the trunk's passes alternate
-        # between two tilings; keeping across them cost 0.25 GiB more and no time. (Not for the single pass
+        # and 7.6 s but up to 1.56 GiB keeping all until the end. In fp32 the trunk's passes alternated
+        # between two tilings (measured with halos of 2 and 4 convolutions, now 2 and 3); keeping across them
+        # cost 0.25 GiB more and no time. (Not for the single pass
         # of estimated statistics: 4096 x 4096 then peaked at 1.5 GiB.)
         keep = keep_freed_memory() if exact and x.device.type == "cpu" else contextlib.nullcontext()
         self._grid = None  # the last pass's source shape and tile cores: none yet, so the first pass trims
@@ -620,9 +621,8 @@ class Tiler:
             # fast again (8.5-9.5 s against 8.7-9.4) at 855-905 MiB against 924-950 for 48 and 960-1006 for 64
             # (3-6 processes each; 949 the largest of a benchmark's 3 later), the decoder's last pass most of
             # that; 24 MiB was slower (9.8-10.6 s). In fp32, 32 MiB tiles took 37-40 s, against 34-36 s in 64,
-            # for no less memory. A block's two passes, whose halos differ by one convolution's, get tiles of
-            # nearly one size, which `spans` usually evens out into one tiling, so each reuses the memory the
-            # other freed (see __call__).
+            # for no less memory. A split block's two passes both have a one-convolution halo (see norm_reach)
+            # and cut the same tiles, so each reuses the memory the other freed (see __call__).
             tile_bytes = CPU_TILE_MEMORY * plan.dtype.itemsize / 4  # per_pixel is in the plan's dtype too
             for_tile = min(working, max(tile_bytes, per_pixel * (32 * halo * scale) ** 2))
         tile = self.tile or fitting_tile(plan, per_pixel, halo * scale, for_tile)
@@ -854,10 +854,13 @@ def _elementwise(layers: nn.Sequential, norms: tuple[nn.Module, ...]) -> bool:
 
 def _rows(x: torch.Tensor, chunk: int = 2 << 20) -> int:
     """How many rows of a map hold about `chunk` bytes (at least one), for the passes that update a map a few
-    rows at a time. Small, so their temporaries fit the holes tiles leave in the heap: 64 rows of the ResNet-9
-    trunk at 1536 x 2048 in bf16 were 16 MiB, twice a tile's blocks, and the heap grew by 16-31 MB right after
-    them, between two blocks' passes."""
-    return max(1, chunk // (x[0, :, 0].numel() * x.element_size()))
+    rows at a time. On a CPU small, so their temporaries fit the holes tiles leave in the heap: 64 rows of the
+    ResNet-9 trunk at 1536 x 2048 in bf16 were 16 MiB, twice a tile's blocks, and the heap grew by 16-31 MB
+    right after them, between two blocks' passes. On a GPU, whose allocator caches blocks, all rows at once:
+    chunks would be many tiny kernel launches."""
+    if x.device.type != "cpu":
+        return max(1, x.shape[-2])
+    return max(1, chunk // max(1, x.shape[0] * x.shape[1] * x.shape[-1] * x.element_size()))
 
 
 def _unchanged(x: torch.Tensor) -> torch.Tensor:

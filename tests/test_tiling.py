@@ -200,6 +200,34 @@ def test_halo_of_the_reference_generator():
     blocks = [k for k, norm in enumerate(plan.norms) if plan.layers[plan.norm_layer[k]] is not norm]
     assert [plan.norm_reach[k] for k in blocks] == [4.0, 8.0] * 9
     assert all(plan.norm_reach[k] == 0 for k in range(len(plan.norms)) if k not in blocks)
+    net = build_generator(GeneratorConfig(arch="resnet_9blocks", ngf=4)).to(torch.bfloat16)
+    assert make_plan(net).norm_reach == plan.norm_reach  # a bf16 plan, probed on an fp32 copy
+
+
+def test_a_norm_after_a_skip_inside_its_layer_stays_exact():
+    """A layer whose norm comes after a convolution and a skip addition, with more layers after the norm: the
+    pass that measures that norm takes the halo of the convolution before it only, and the result is still
+    the untiled one."""
+    from torch import nn
+
+    class SkipThenNorm(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.pad1, self.conv1 = nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3)
+            self.norm, self.pad2, self.conv2 = nn.InstanceNorm2d(c), nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3)
+
+        def forward(self, x):
+            return self.conv2(self.pad2(torch.relu(self.norm(self.conv1(self.pad1(x)) + x))))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 8, 7), nn.InstanceNorm2d(8), nn.ReLU(),
+                        SkipThenNorm(8), nn.InstanceNorm2d(8), nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(8, 3, 3),
+                        nn.Tanh())
+    plan = make_plan(net)
+    assert plan.norm_reach[plan.norm_layer.index(4)] == 1.0
+    x = padded(photo(96, 120))
+    with torch.inference_mode():
+        assert torch.allclose(tiled_forward(net, x, plan, 32, 1 << 30), net(x), atol=1e-5)
 
 
 def test_estimated_statistics_are_still_seamless():
