@@ -669,6 +669,7 @@ class Tiler:
         # Windows of one size where tiles are read in any order (not in place, not over the source): see _windows.
         even = not in_place and order is None
         row_windows, column_windows = _windows(rows, halo, h, even), _windows(columns, halo, w, even)
+        pointwise = self._pointwise_prefix(modules, captured) if in_place else 0  # in place on its own windows
         for (y0, y1), (a0, a1) in zip(*(reversed(v) if order == "up" else v for v in (rows, row_windows))):
             strip = left = None
             if in_place:
@@ -692,7 +693,7 @@ class Tiler:
                     if left is not None and x0 > b0:
                         window[..., top:top + y1 - y0, :x0 - b0] = left[..., b0 - x0:]
                 window = [window]  # _run empties it: a window made of copies is freed once its layers are done with it
-                core = self._run(window, modules, captured, at_norm, private=in_place)
+                core = self._run(window, modules, captured, at_norm, pointwise)
                 if capture is None:
                     continue
                 if in_place:
@@ -747,32 +748,35 @@ class Tiler:
                 return _map(source, shape, self.layout, end)
         return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=self.layout)
 
+    def _pointwise_prefix(self, modules: nn.Sequential, capture: int | None) -> int:
+        """How many of the first `modules` compute each pixel from itself alone (see _elementwise), before
+        `capture` and short of the norm being measured: a tile of the tiler's own may go through them in place."""
+        measured = None if self.norms.measuring is None else self.norms.norms[self.norms.measuring]
+        n = 0
+        while (n < len(modules) and n != capture and _elementwise(modules[n:n + 1], self.norms.norms)
+               and not any(m is measured for m in modules[n].modules())):
+            n += 1
+        return n
+
     def _run(self, tile: list[torch.Tensor], modules: nn.Sequential, capture: int | None,
-             at_norm: bool = False, private: bool = False) -> torch.Tensor | None:
+             at_norm: bool = False, pointwise: int = 0) -> torch.Tensor | None:
         """One tile (the one item of `tile`, taken out of it so that nothing else holds it while the layers
         run) through `modules`: the core of module `capture`'s output (if any), or with `at_norm` of the
-        measured norm's input; a view, for the caller to copy where it belongs. A `private` tile (a copy of
-        the tiler's own) goes through its leading pointwise layers in place, a few rows at a time: a residual
-        block's tail then starts (norm, ReLU) with no second tile-sized block, and each of its tiles takes
-        three blocks of the heap, not four (ResNet-9 at 1536 x 2048 in bf16: the residual blocks held 822-860 MiB,
-        median 826, against 833-896, median 851, over 5 processes each; the same time)."""
+        measured norm's input; a view, for the caller to copy where it belongs. The first `pointwise` modules
+        (see _pointwise_prefix; the tile must be a copy of the tiler's own) run on it in place, a few rows at a
+        time: a residual block's tail then starts (norm, ReLU) with no second tile-sized block, and each of its
+        tiles takes three blocks of the heap, not four (ResNet-9 at 1536 x 2048 in bf16: the residual blocks
+        held 822-860 MiB, median 826, against 833-896, median 851, over 5 processes each; the same time)."""
         t = tile.pop()
         core, kept = self._core, None
         self.norms.core = core
         if not isinstance(_first_leaf(modules), PADS_AND_CONVS):
             t = t.contiguous(memory_format=self.layout)  # a padding or convolution copies its input anyway
-        start = 0
-        if private:
-            measured = None if self.norms.measuring is None else self.norms.norms[self.norms.measuring]
-            while (start < len(modules) and start != capture
-                   and _elementwise(modules[start:start + 1], self.norms.norms)
-                   and not any(m is measured for m in modules[start].modules())):
-                start += 1
-            if start:
-                self._in_place(t, modules[:start])
+        if pointwise:
+            self._in_place(t, modules[:pointwise])
         try:
             for k, module in enumerate(modules):
-                if k < start:
+                if k < pointwise:
                     continue
                 if capture is not None and k == capture + 1:
                     kept = kept.clone()  # the layers after `capture` may work in place
