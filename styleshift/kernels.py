@@ -18,6 +18,14 @@ oneDNN.
 Eligible means: a plain nn.Conv2d, 3x3, stride 1, no dilation, no groups, no padding of its own (the
 generators pad by reflection before it). The parameters, their names and the state dict are unchanged;
 on other devices, dtypes or under autocast the layer falls back to the ordinary convolution.
+
+`fold_narrow(net)` is for inference in channels-last layout (bf16 on a CPU): a convolution with few output
+channels, the generator's last 7x7 one (64 -> 3), leaves oneDNN's vector lanes mostly idle and ran at a sixth
+of the trunk's rate. Seen as a map of half the width with each pair of columns as one pixel (a free view of a
+channels-last map), it is a convolution with twice the channels in and out and a 7 x 4 kernel: 1.14x the
+multiply-adds, but 1.7x faster (8.3 -> 4.9 ms for a 278 x 278 tile in bf16). ResNet-9 at 1536 x 2048: the
+decoder's last pass took 0.52 s instead of 0.67 (medians of 4, alternating in one process). The same view of
+the first convolution (3 -> 64 channels) gained nothing measurable, so only narrow outputs are folded.
 """
 
 from __future__ import annotations
@@ -93,5 +101,61 @@ def accelerate(net: nn.Module) -> int:
     for m in net.modules():
         if eligible(m):
             m.__class__ = WinogradConv2d  # same attributes and parameters; only forward differs
+            n += 1
+    return n
+
+
+class FoldedConv2d(nn.Conv2d):
+    """An nn.Conv2d (same parameters) computed, in inference on channels-last maps of even width, over pairs
+    of columns (see the module docstring): output column 2b + q is channel q * O + o of a convolution whose
+    input channel s * C + c is input column 2b + s. The folded weight is made from the weight at every call
+    (about 0.1 ms for 64 -> 3 channels, 7 x 7), so it can never be stale."""
+
+    fold = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.fold
+        if (torch.is_grad_enabled() or x.dim() != 4 or x.dtype != self.weight.dtype or x.shape[-1] % k
+                or x.shape[-1] < self.kernel_size[1] or not x.is_contiguous(memory_format=torch.channels_last)):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        weight, bias = _fold_weight(self.weight, self.bias, k)
+        xf = x.permute(0, 2, 3, 1).reshape(n, h, w // k, k * c).permute(0, 3, 1, 2)  # a view: no copy
+        y = F.conv2d(xf, weight, bias)
+        o = self.out_channels
+        # (n, k*O, h', b) back to (n, O, h', k*b): a view where oneDNN wrote channels-last (it does for a
+        # channels-last input), else reshape copies. For an odd kernel width, k*b is exactly the plain output's.
+        return y.permute(0, 2, 3, 1).reshape(n, y.shape[-2], -1, o).permute(0, 3, 1, 2)
+
+
+def _fold_weight(w: torch.Tensor, b: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """O x C x Kh x Kw -> (k O) x (k C) x Kh x V, V = ceil((Kw + k - 1) / k): output q*O+o, input s*C+c, tap
+    (i, v) holds w[o, c, i, j] for the j with q + j = k v + s, zero for none. Values are only moved: exact in
+    any dtype."""
+    o, c, kh, kw = w.shape
+    v_taps = -(-(kw + k - 1) // k)
+    folded = w.new_zeros(k, o, kh, v_taps, k, c)  # (q, o), rows, v, (s, c)
+    for q in range(k):
+        for j in range(kw):
+            v, s = divmod(q + j, k)
+            folded[q, :, :, v, s, :] = w[:, :, :, j].permute(0, 2, 1)
+    folded = folded.permute(0, 1, 4, 5, 2, 3).reshape(k * o, k * c, kh, v_taps)
+    return folded.contiguous(memory_format=torch.channels_last), None if b is None else b.repeat(k)
+
+
+def narrow(m: nn.Module) -> bool:
+    """A convolution with at most 4 output channels, stride 1, no padding of its own and an odd kernel width
+    above 1 (see fold_narrow)."""
+    return (type(m) is nn.Conv2d and m.out_channels <= 4 and m.stride == (1, 1) and m.dilation == (1, 1)
+            and m.groups == 1 and m.padding == (0, 0) and m.kernel_size[1] % 2 == 1 and m.kernel_size[1] > 1)
+
+
+def fold_narrow(net: nn.Module) -> int:
+    """Switch `net`'s narrow convolutions to FoldedConv2d in place; returns how many. For inference on
+    channels-last maps; anything else runs as before."""
+    n = 0
+    for m in net.modules():
+        if narrow(m):
+            m.__class__ = FoldedConv2d
             n += 1
     return n

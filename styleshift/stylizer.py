@@ -16,7 +16,7 @@ from .engine import (ENGINES, OnnxNet, cached_onnx, faster_engine, min_side, onn
                      require_onnx)
 from .heap import hand_back, keep_freed_memory, return_freed_memory
 from .images import Picture
-from .kernels import accelerate
+from .kernels import accelerate, fold_narrow
 from .precision import Precision, resolve_device
 from .tiling import (Pixelwise, Plan, available_memory, choose_tile_size, make_plan, pixelwise, tiled_forward,
                      whole_picture_limit, working_memory)
@@ -81,6 +81,7 @@ class Stylizer:
         self.cast = self.device.type == "cpu" and self.precision.name == "bf16"
         if self.cast:
             self.net.to(dtype=self.precision.dtype, memory_format=torch.channels_last)
+            fold_narrow(self.net)  # the last 7x7 convolution (64 -> 3): see styleshift.kernels
         if source is not None and engine != "onnx" and (self.cast or self.device.type != "cpu"):
             # The network no longer shares those fp32 tensors: rather than hold them for an export that may
             # never come, read them again from the style's file then (see `style`); not for the onnx engine,

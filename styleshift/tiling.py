@@ -11,9 +11,10 @@ result equals the untiled one up to float rounding.
 
 Tiles. Each tile runs with a halo as wide as the receptive-field radius of the layers it runs (88 input px
 for the 9-block ResNet), so the pixels its own reflection pads corrupt at interior edges are all discarded;
-the exact cores are placed side by side, no blending. Tiles touching the picture's border start exactly
-there, so the network's reflection pads reflect at the true border as in the untiled run, and every tile
-corner sits on a multiple of the total stride, so each subsampling keeps its phase.
+the exact cores are placed side by side, no blending. (Passes made of pad-and-convolution pairs, the residual
+blocks', leave those pads out at interior edges instead: Tiler._inner_pads.) Tiles touching the picture's
+border start exactly there, so the network's reflection pads reflect at the true border as in the untiled
+run, and every tile corner sits on a multiple of the total stride, so each subsampling keeps its phase.
 
 Statistics, exactly. Layer m's statistics depend on the output of every layer before it, normalised with
 *their* whole-picture statistics, so they are measured in order: a tiled pass runs the layers up to norm m
@@ -230,7 +231,8 @@ def _tail(block: nn.Module, norms: list, before: torch.Tensor, after: torch.Tens
           scale: float) -> tuple[nn.Sequential, float] | None:
     """For a residual block whose chain holds two norms, the second one last: the chain from the first norm on
     and its reach, when the block's output on the probe is its input plus that tail of the first norm's
-    input y, and y has the input's shape (so the tail's result can be written over y)."""
+    input y, y is the chain before that norm applied to the input, and y has the input's shape (so the tail's
+    result can be written over y)."""
     chain = as_layers(block)
     if chain is None or len(norms) != 2 or chain[-1] is not norms[1][0] or norms[0][1].shape != before.shape:
         return None
@@ -238,7 +240,8 @@ def _tail(block: nn.Module, norms: list, before: torch.Tensor, after: torch.Tens
     if start is None:
         return None
     tail = nn.Sequential(*chain[start:])
-    if not torch.allclose(after, before + tail(norms[0][1]), atol=1e-5):
+    if not (torch.allclose(norms[0][1], nn.Sequential(*chain[:start])(before.clone()), atol=1e-5)
+            and torch.allclose(after, before + tail(norms[0][1]), atol=1e-5)):
         return None
     reach = sum(_radius(m, False) for m in tail.modules() if next(m.children(), None) is None) * scale
     return tail, reach
@@ -670,6 +673,7 @@ class Tiler:
         even = not in_place and order is None
         row_windows, column_windows = _windows(rows, halo, h, even), _windows(columns, halo, w, even)
         pointwise = self._pointwise_prefix(modules, captured) if in_place else 0  # in place on its own windows
+        pads = self._inner_pads(modules, None if tail is not None else first)
         for (y0, y1), (a0, a1) in zip(*(reversed(v) if order == "up" else v for v in (rows, row_windows))):
             strip = left = None
             if in_place:
@@ -678,6 +682,8 @@ class Tiler:
             for (x0, x1), (b0, b1) in zip(columns, column_windows):
                 fh, fw = a1 - a0, b1 - b0
                 self._core = ((y0 - a0) / fh, (y1 - a0) / fh, (x0 - b0) / fw, (x1 - b0) / fw)
+                # for `pads`: the core in window pixels, the window's size, and which sides lie on the border
+                self._window = (y0 - a0, y1 - a0, fh, x0 - b0, x1 - b0, fw, (a0 == 0, a1 == h, b0 == 0, b1 == w))
                 if not in_place:
                     window = source[..., a0:a1, b0:b1]
                     if first == 0 and tail is None:
@@ -693,7 +699,7 @@ class Tiler:
                     if left is not None and x0 > b0:
                         window[..., top:top + y1 - y0, :x0 - b0] = left[..., b0 - x0:]
                 window = [window]  # _run empties it: a window made of copies is freed once its layers are done with it
-                core = self._run(window, modules, captured, at_norm, pointwise)
+                core = self._run(window, modules, captured, at_norm, pointwise, pads)
                 if capture is None:
                     continue
                 if in_place:
@@ -758,8 +764,68 @@ class Tiler:
             n += 1
         return n
 
+    def _inner_pads(self, modules: nn.Sequential, first: int | None) -> list[nn.Module]:
+        """The pads a tile of this pass may leave out where its window lies inside the picture: each pads for
+        the convolution right after it, whose output at those sides falls in the halo and is discarded anyway.
+        Leaving them out spares a copy of the tile (ResNet-9's residual blocks: one of the three blocks of the
+        heap a tile of their second pass takes), the pad's time, and the convolution's work on the garbage
+        rim. ResNet-9 at 1536 x 2048 in bf16: its 18 residual-block passes took 5.36 s instead of 5.50 (medians
+        of 4, alternating in one process), and peaked at 827-839 MiB instead of 849-867 (3 processes each).
+        Only for passes at one scale made of such pad-and-convolution pairs (stride 1, no padding of its
+        own, the pad's width its radius), pointwise layers and the norms, so every map is the window less the
+        pads left out at its inner sides (see _pad). A layer other than a plain chain might combine maps of two
+        sizes (a residual block's x + f(x)): only one whose split into y = head(x) and x + tail(y) was checked
+        on the probe (Plan.tails), in a pass that stops at the tail's first norm, so only the head runs (`first`:
+        the index of `modules[0]` in the plan, None for a tail). [] for any other pass."""
+        measured = None if self.norms.measuring is None else self.norms.norms[self.norms.measuring]
+        tails = self.plan.tails if first is not None and self.plan.tails else ()
+        pads, pad = [], None
+        for j, layer in enumerate(modules):
+            if next(layer.children(), None) is not None and type(layer) is not nn.Sequential and not (
+                    tails and tails[first + j] is not None and tails[first + j][0][0] is measured):
+                return []
+            for m in layer.modules():
+                if next(m.children(), None) is not None:
+                    continue
+                if m is measured:  # the pass stops here
+                    return pads if pad is None else []
+                if isinstance(m, PADS):
+                    if pad is not None:
+                        return []
+                    pad = m
+                elif isinstance(m, nn.Conv2d):
+                    kh, kw = m.kernel_size
+                    if (pad is None or m.stride != (1, 1) or m.dilation != (1, 1) or m.padding != (0, 0) or kh % 2 == 0
+                            or kw % 2 == 0 or tuple(pad.padding) != (kw // 2, kw // 2, kh // 2, kh // 2)):
+                        return []
+                    pads.append(pad)
+                    pad = None
+                elif not _elementwise_leaf(m, self.norms.norms):
+                    return []
+        return pads if pad is None else []
+
+    def _pad(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`module`'s padding of a tile, on the sides where its window meets the picture's border only; the
+        core's place in the smaller result is updated for the norm being measured and for the capture."""
+        y0, y1, fh, x0, x1, fw, border = self._window
+        widths = module.padding  # left, right, top, bottom
+        sides = (2, 3, 0, 1)  # which entry of `border` each width is for
+        kept = tuple(p if border[side] else 0 for p, side in zip(widths, sides))
+        for p, k, side in zip(widths, kept, sides):
+            self._skipped[side] += p - k
+        top, bottom, left, right = self._skipped
+        fh, fw = fh - top - bottom, fw - left - right
+        self.norms.core = ((y0 - top) / fh, (y1 - top) / fh, (x0 - left) / fw, (x1 - left) / fw)
+        if not any(kept):
+            return x
+        if isinstance(module, nn.ReflectionPad2d):
+            return F.pad(x, kept, mode="reflect")
+        if isinstance(module, nn.ReplicationPad2d):
+            return F.pad(x, kept, mode="replicate")
+        return F.pad(x, kept, value=module.value)  # zero or constant
+
     def _run(self, tile: list[torch.Tensor], modules: nn.Sequential, capture: int | None,
-             at_norm: bool = False, pointwise: int = 0) -> torch.Tensor | None:
+             at_norm: bool = False, pointwise: int = 0, pads: list[nn.Module] = ()) -> torch.Tensor | None:
         """One tile (the one item of `tile`, taken out of it so that nothing else holds it while the layers
         run) through `modules`: the core of module `capture`'s output (if any), or with `at_norm` of the
         measured norm's input; a view, for the caller to copy where it belongs. The first `pointwise` modules
@@ -768,12 +834,15 @@ class Tiler:
         tiles takes three blocks of the heap, not four (ResNet-9 at 1536 x 2048 in bf16: the residual blocks
         held 822-860 MiB, median 826, against 833-896, median 851, over 5 processes each; the same time)."""
         t = tile.pop()
-        core, kept = self._core, None
-        self.norms.core = core
+        kept = None
+        self.norms.core = self._core  # the pads left out (see _inner_pads) move it as they run
+        self._skipped = [0, 0, 0, 0]  # rows and columns they left out: top, bottom, left, right
         if not isinstance(_first_leaf(modules), PADS_AND_CONVS):
             t = t.contiguous(memory_format=self.layout)  # a padding or convolution copies its input anyway
         if pointwise:
             self._in_place(t, modules[:pointwise])
+        for pad in pads:
+            pad.forward = (lambda pad: lambda x: self._pad(pad, x))(pad)  # shadows the class's forward
         try:
             for k, module in enumerate(modules):
                 if k < pointwise:
@@ -783,11 +852,14 @@ class Tiler:
                 t = module(t)
                 if k == capture:
                     h, w = t.shape[-2:]
-                    top, bottom, left, right = core
+                    top, bottom, left, right = self.norms.core
                     kept = t[..., round(top * h):round(bottom * h), round(left * w):round(right * w)]
         except Stop:
             if at_norm:
                 kept, self.norms.kept = self.norms.kept, None  # the view holds the whole tile: not a pass longer
+        finally:
+            for pad in pads:
+                del pad.forward
         return kept
 
 
@@ -848,12 +920,14 @@ def _elementwise(layers: nn.Sequential, norms: tuple[nn.Module, ...]) -> bool:
     """Whether `layers` map each pixel to a function of itself alone, so they may run on a few rows at a time:
     a plain chain of activations and of the instance norms (fixed to their whole-picture statistics while
     tiling). Not pads, nor group or batch norms, whose statistics would come from the rows at hand."""
-    def elementwise(m: nn.Module) -> bool:
-        if next(m.children(), None) is not None:
-            return type(m) is nn.Sequential  # a container that only chains its children
-        return isinstance(m, ELEMENTWISE) or (isinstance(m, nn.Dropout) and not m.training) or \
-            any(m is n for n in norms)
-    return all(elementwise(m) for m in layers.modules())
+    return all(type(m) is nn.Sequential if next(m.children(), None) is not None  # a container that only chains
+               else _elementwise_leaf(m, norms) for m in layers.modules())
+
+
+def _elementwise_leaf(m: nn.Module, norms: tuple[nn.Module, ...]) -> bool:
+    """Whether a module without children computes each pixel from itself alone (see _elementwise)."""
+    return isinstance(m, ELEMENTWISE) or (isinstance(m, nn.Dropout) and not m.training) or \
+        any(m is n for n in norms)
 
 
 def _rows(x: torch.Tensor, chunk: int = 2 << 20) -> int:

@@ -623,3 +623,43 @@ def test_a_block_followed_by_an_in_place_activation_still_splits():
     budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * 2 / 0.75) + 1
     with torch.inference_mode():
         assert psnr(changed(x), tiled_forward(changed, x, plan, 32, budget)) >= 100
+
+
+def test_pads_inside_the_picture_are_left_out_and_tiles_stay_exact(monkeypatch):
+    """Passes made of pad-and-convolution pairs pad a tile only where its window meets the picture's border
+    (reflection, replication and zero pads alike); the result is still the untiled one. A residual block whose
+    first norm's input is not its chain's head (a skip inside) is not split, and stays exact too."""
+    from torch import nn
+
+    from styleshift import tiling
+
+    class HeadSkip(nn.Module):  # x + tail(y), but y = conv(pad(x)) + x: not the head of its chain
+        def __init__(self, c):
+            super().__init__()
+            self.block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c), nn.ReLU(),
+                                       nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c))
+
+        def forward(self, x):
+            return x + self.block[2:](self.block[1](self.block[0](x)) + x)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 8, 7), nn.InstanceNorm2d(8), nn.ReLU(),
+                        nn.ReplicationPad2d(1), nn.Conv2d(8, 8, 3), nn.InstanceNorm2d(8), nn.ReLU(),
+                        HeadSkip(8), nn.ZeroPad2d(1), nn.Conv2d(8, 8, 3), nn.InstanceNorm2d(8), nn.ReLU(),
+                        nn.ReflectionPad2d(1), nn.Conv2d(8, 3, 3), nn.Tanh())
+    plan = make_plan(net)
+    assert plan.tails[8] is None
+    kept = []  # the widths each pad kept: (left, right, top, bottom)
+    pad = tiling.Tiler._pad
+
+    def counting(self, module, x):
+        y = pad(self, module, x)
+        kept.append((type(module).__name__, tuple(y.shape[-2:]) != tuple(x.shape[-2:])))
+        return y
+
+    monkeypatch.setattr(tiling.Tiler, "_pad", counting)
+    x = padded(photo(96, 120))
+    with torch.inference_mode():
+        assert torch.allclose(tiled_forward(net, x, plan, 32, 1 << 30), net(x), atol=1e-5)
+    for name in ("ReflectionPad2d", "ReplicationPad2d", "ZeroPad2d"):
+        assert (name, True) in kept and (name, False) in kept  # border tiles padded, inner tiles not
