@@ -663,3 +663,26 @@ def test_pads_inside_the_picture_are_left_out_and_tiles_stay_exact(monkeypatch):
         assert torch.allclose(tiled_forward(net, x, plan, 32, 1 << 30), net(x), atol=1e-5)
     for name in ("ReflectionPad2d", "ReplicationPad2d", "ZeroPad2d"):
         assert (name, True) in kept and (name, False) in kept  # border tiles padded, inner tiles not
+
+
+def test_norms_right_after_a_convolution_normalise_its_output_in_place(monkeypatch):
+    """A norm that directly follows a convolution in a chain normalises the tile's fresh convolution output in
+    place (no second tile-sized block); never a window of a map the tiler keeps. The result stays exact."""
+    from styleshift import tiling
+
+    net = perturbed(GeneratorConfig(ngf=8, **VARIANTS[0]))
+    plan = make_plan(net)
+    calls = []
+    forward = tiling.NormStats._forward
+
+    def watching(self, i, m, x):
+        y = forward(self, i, m, x)
+        calls.append(y is x)
+        return y
+
+    monkeypatch.setattr(tiling.NormStats, "_forward", watching)
+    x = padded(photo())
+    budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * 2 / 0.75) + 1
+    with torch.inference_mode():
+        assert torch.allclose(tiled_forward(net, x, plan, 32, budget), net(x), atol=1e-5)
+    assert any(calls) and not all(calls)
