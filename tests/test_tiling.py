@@ -539,6 +539,26 @@ def test_channels_last_maps_go_over_the_maps_they_replace(variant, monkeypatch):
     assert len(memory) > 3 and len(set(memory)) == 1  # every map below full size in one piece of memory
 
 
+def test_a_pass_whose_result_cannot_go_over_its_source_takes_whole_tiles(monkeypatch):
+    """Strips are cut short only for results waiting to go over their source: where _overlay finds no order,
+    the pass runs in tiles of the full size (fewer of them), and the result is still exact."""
+    from styleshift import tiling
+
+    net = perturbed(GeneratorConfig(ngf=8, **VARIANTS[0]), seed=2).to(memory_format=torch.channels_last)
+    plan = make_plan(net)
+    x = padded(photo(200, 168, 3)).contiguous(memory_format=torch.channels_last)
+    real_overlay, real_run = tiling._overlay, tiling.Tiler._run
+    tiles = {}
+    for refused in (False, True):
+        monkeypatch.setattr(tiling, "_overlay", (lambda *a: None) if refused else real_overlay)
+        runs = []
+        monkeypatch.setattr(tiling.Tiler, "_run", lambda self, *a, **k: runs.append(1) or real_run(self, *a, **k))
+        with torch.inference_mode():
+            assert psnr(net(x), tiled_forward(net, x, plan, None, 4 << 20)) >= 100  # budget-sized tiles
+        tiles[refused] = len(runs)
+    assert tiles[True] < tiles[False]
+
+
 def test_overlay_order_keeps_every_row_a_later_strip_reads():
     """_overlay allows writing a result over its source only in a strip order where no strip's result lands on
     source rows a later strip's tiles (with their halos) still read."""
