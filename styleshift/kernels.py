@@ -106,7 +106,7 @@ def accelerate(net: nn.Module) -> int:
 
 
 class FoldedConv2d(nn.Conv2d):
-    """An nn.Conv2d (same parameters) computed, in inference on channels-last maps of even width, over pairs
+    """An nn.Conv2d (same parameters) computed, in inference on channels-last CPU maps of even width, over pairs
     of columns (see the module docstring): output column 2b + q is channel q * O + o of a convolution whose
     input channel s * C + c is input column 2b + s. The folded weight is made from the weight at every call
     (about 0.1 ms for 64 -> 3 channels, 7 x 7), so it can never be stale."""
@@ -115,9 +115,10 @@ class FoldedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.fold
-        if (torch.is_grad_enabled() or x.dim() != 4 or x.dtype != self.weight.dtype or x.shape[-1] % k
-                or x.shape[-1] < self.kernel_size[1] or not x.is_contiguous(memory_format=torch.channels_last)):
-            return super().forward(x)
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or not _narrow_shape(self) or x.dim() != 4
+                or x.dtype != self.weight.dtype or x.shape[-1] % k or x.shape[-1] < self.kernel_size[1]
+                or not x.is_contiguous(memory_format=torch.channels_last)):
+            return super().forward(x)  # (measured and checked on CPUs only; the layer's settings may have changed)
         n, c, h, w = x.shape
         weight, bias = _fold_weight(self.weight, self.bias, k)
         xf = x.permute(0, 2, 3, 1).reshape(n, h, w // k, k * c).permute(0, 3, 1, 2)  # a view: no copy
@@ -146,8 +147,12 @@ def _fold_weight(w: torch.Tensor, b: torch.Tensor | None, k: int) -> tuple[torch
 def narrow(m: nn.Module) -> bool:
     """A convolution with at most 4 output channels, stride 1, no padding of its own and an odd kernel width
     above 1 (see fold_narrow)."""
-    return (type(m) is nn.Conv2d and m.out_channels <= 4 and m.stride == (1, 1) and m.dilation == (1, 1)
-            and m.groups == 1 and m.padding == (0, 0) and m.kernel_size[1] % 2 == 1 and m.kernel_size[1] > 1)
+    return type(m) is nn.Conv2d and _narrow_shape(m)
+
+
+def _narrow_shape(m: nn.Conv2d) -> bool:
+    return (m.out_channels <= 4 and m.stride == (1, 1) and m.dilation == (1, 1) and m.groups == 1
+            and m.padding == (0, 0) and m.kernel_size[1] % 2 == 1 and m.kernel_size[1] > 1)
 
 
 def fold_narrow(net: nn.Module) -> int:

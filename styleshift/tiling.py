@@ -354,7 +354,7 @@ class NormStats:
 
     def __exit__(self, *exc):
         for m in self.norms:
-            del m.forward
+            m.__dict__.pop("forward", None)  # (a norm module used twice is in `norms` twice)
         for hook in self.hooks:
             hook.remove()
         self.hooks, self.fresh = [], {}
@@ -371,12 +371,12 @@ class NormStats:
         if self.stats[i] is None:
             raise RuntimeError("tiling: a norm ran before its statistics were measured")
         if fresh and x.device.type == "cpu":
-            # Its input is the output the convolution just before it in a chain gave this tile, which the chain
-            # holds no longer (never a window of a map the tiler keeps): normalised in place, a few rows at a
-            # time, so the tile takes no second block of that size. The encoder's and decoder's full-resolution
-            # tiles (ResNet-9 at 1536 x 2048 in bf16: 12 MiB each) then take two blocks, not three; its peaks
-            # were 830-844 MiB over 4 processes, against 835-859. The same work: 0.78 ms for such a tile's norm
-            # by rows in place, 0.73 into a new block.
+            # Its input is the output the convolution just before it in a chain gave this tile, which only the
+            # chain held (see _after_conv; never a window of a map the tiler keeps): normalised in place, a few
+            # rows at a time, so the tile takes no second block of that size. The encoder's and decoder's
+            # full-resolution tiles (ResNet-9 at 1536 x 2048 in bf16: 12 MiB each) then take two blocks, not
+            # three; its peaks were 830-844 MiB over 4 processes, against 835-859. The same work: 0.78 ms for
+            # such a tile's norm by rows in place, 0.73 into a new block.
             rows = _rows(x)
             for r in range(0, x.shape[-2], rows):
                 x[..., r:r + rows, :] = self._apply(m, x[..., r:r + rows, :], *self.stats[i])
@@ -794,24 +794,27 @@ class Tiler:
         heap a tile of their second pass takes), the pad's time, and the convolution's work on the garbage
         rim. ResNet-9 at 1536 x 2048 in bf16: its 18 residual-block passes took 5.36 s instead of 5.50 (medians
         of 4, alternating in one process), and peaked at 827-839 MiB instead of 849-867 (3 processes each).
-        Only for passes at one scale made of such pad-and-convolution pairs (stride 1, no padding of its
-        own, the pad's width its radius), pointwise layers and the norms, so every map is the window less the
-        pads left out at its inner sides (see _pad). A layer other than a plain chain might combine maps of two
-        sizes (a residual block's x + f(x)): only one whose split into y = head(x) and x + tail(y) was checked
-        on the probe (Plan.tails), in a pass that stops at the tail's first norm, so only the head runs (`first`:
-        the index of `modules[0]` in the plan, None for a tail). [] for any other pass."""
+        Only for passes at one scale made of such pad-and-convolution pairs (the convolution right after its
+        pad: stride 1, no padding of its own, the pad's width its radius), pointwise layers and the norms, so
+        every map is the window less the pads left out at its inner sides (see _pad), and a pad left out hands
+        its input to a convolution, never to a layer that might work on it in place. Containers must be plain
+        chains (nn.Sequential), which combine nothing: another might add maps of two sizes (a residual block's
+        x + f(x)). The one exception is a top-level layer whose split into y = head(x) and x + tail(y) was
+        checked on the probe (Plan.tails; its head is a plain chain), in a pass that stops at the tail's first
+        norm, so that only the head runs (`first`: the index of `modules[0]` in the plan, None for a tail).
+        [] for any other pass."""
         measured = None if self.norms.measuring is None else self.norms.norms[self.norms.measuring]
         tails = self.plan.tails if first is not None and self.plan.tails else ()
         pads, pad = [], None
         for j, layer in enumerate(modules):
-            if next(layer.children(), None) is not None and type(layer) is not nn.Sequential and not (
-                    tails and tails[first + j] is not None and tails[first + j][0][0] is measured):
-                return []
+            split = bool(tails) and tails[first + j] is not None and tails[first + j][0][0] is measured
             for m in layer.modules():
                 if next(m.children(), None) is not None:
-                    continue
+                    if type(m) is nn.Sequential or (m is layer and split):
+                        continue
+                    return []
                 if m is measured:  # the pass stops here
-                    return pads if pad is None else []
+                    return list(dict.fromkeys(pads)) if pad is None else []
                 if isinstance(m, PADS):
                     if pad is not None:
                         return []
@@ -823,9 +826,10 @@ class Tiler:
                         return []
                     pads.append(pad)
                     pad = None
-                elif not _elementwise_leaf(m, self.norms.norms):
+                elif pad is not None or not _elementwise_leaf(m, self.norms.norms):
                     return []
-        return pads if pad is None else []
+        # (a pad used twice is patched once: each of its calls updates the geometry)
+        return list(dict.fromkeys(pads)) if pad is None else []
 
     def _pad(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`module`'s padding of a tile, on the sides where its window meets the picture's border only; the
@@ -854,8 +858,10 @@ class Tiler:
         measured norm's input; a view, for the caller to copy where it belongs. The first `pointwise` modules
         (see _pointwise_prefix; the tile must be a copy of the tiler's own) run on it in place, a few rows at a
         time: a residual block's tail then starts (norm, ReLU) with no second tile-sized block, and each of its
-        tiles takes three blocks of the heap, not four (ResNet-9 at 1536 x 2048 in bf16: the residual blocks
-        held 822-860 MiB, median 826, against 833-896, median 851, over 5 processes each; the same time)."""
+        tiles took three blocks of the heap, not four (ResNet-9 at 1536 x 2048 in bf16: the residual blocks
+        held 822-860 MiB, median 826, against 833-896, median 851, over 5 processes each; the same time). With
+        the pads inside the picture left out too (`pads`, see _inner_pads) it takes two: its window and the
+        convolution's output."""
         t = tile.pop()
         kept = None
         self.norms.core = self._core  # the pads left out (see _inner_pads) move it as they run
@@ -882,7 +888,7 @@ class Tiler:
                 kept, self.norms.kept = self.norms.kept, None  # the view holds the whole tile: not a pass longer
         finally:
             for pad in pads:
-                del pad.forward
+                pad.__dict__.pop("forward", None)
         return kept
 
 
@@ -939,13 +945,19 @@ def _map(base: torch.Tensor, shape: tuple[int, ...], layout: torch.memory_format
     return base.as_strided(shape, strides, offset)
 
 
-def _after_conv(layers: nn.Module, norms: tuple[nn.Module, ...]) -> dict[int, nn.Module]:
-    """The norms (their indices) that directly follow a convolution in a chain (an nn.Sequential), with that
-    convolution: when it has just run, the norm's input is its fresh output, which only the chain held."""
+def _after_conv(layers: nn.Sequential, norms: tuple[nn.Module, ...]) -> dict[int, nn.Module]:
+    """The norms (their indices) that directly follow a convolution in a chain (an nn.Sequential) reached from
+    the top-level layers through chains only, with that convolution: when it has just run, the norm's input is
+    its fresh output, which nothing but the chain held. (A chain inside another module is not searched: that
+    module might call its children itself and keep the convolution's output, as a skip connection does.)"""
     index = {id(m): i for i, m in enumerate(norms)}
-    return {index[id(b)]: a for chain in layers.modules() if type(chain) is nn.Sequential
-            for a, b in zip(chain, list(chain)[1:])
-            if id(b) in index and isinstance(a, (nn.Conv2d, nn.ConvTranspose2d))}
+    found, chains = {}, [layers]
+    while chains:
+        chain = list(chains.pop())
+        chains += [m for m in chain if type(m) is nn.Sequential]
+        found.update({index[id(b)]: a for a, b in zip(chain, chain[1:])
+                      if id(b) in index and isinstance(a, (nn.Conv2d, nn.ConvTranspose2d))})
+    return found
 
 
 def _elementwise(layers: nn.Sequential, norms: tuple[nn.Module, ...]) -> bool:

@@ -706,3 +706,65 @@ def test_norms_right_after_a_convolution_normalise_its_output_in_place(monkeypat
     with torch.inference_mode():
         assert torch.allclose(tiled_forward(net, x, plan, 32, budget), net(x), atol=1e-5)
     assert any(calls) and not all(calls)
+
+
+def test_odd_layouts_stay_exact_with_pads_left_out_and_norms_in_place():
+    """Networks the inner pads and in-place norms must not mistake for plain chains, all still exact, the
+    caller's input untouched and no patched method left behind: residual blocks inside a plain chain (x + f(x)
+    nested one level down), a pad followed by an in-place activation before its convolution, a block that
+    keeps a convolution's output for its skip, and one pad module used three times (in one pass: estimated
+    statistics)."""
+    from torch import nn
+
+    class Block(nn.Module):  # x + f(x), inside an nn.Sequential
+        def __init__(self, c):
+            super().__init__()
+            self.f = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c), nn.ReLU(),
+                                   nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c))
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    class ConvSkip(nn.Module):  # y = conv(pad(x)); y + rest(y): the norm after the convolution must not overwrite y
+        def __init__(self, c):
+            super().__init__()
+            self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c), nn.ReLU(),
+                                      nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3))
+
+        def forward(self, x):
+            y = self.body[1](self.body[0](x))
+            return y + self.body[2:](y)
+
+    def head(c=8):
+        return [nn.ReflectionPad2d(3), nn.Conv2d(3, c, 7), nn.InstanceNorm2d(c), nn.ReLU()]
+
+    def tail(c=8):
+        return [nn.ReflectionPad2d(1), nn.Conv2d(c, 3, 3), nn.Tanh()]
+
+    pad = nn.ReflectionPad2d(1)
+    nets = {
+        "nested blocks": (nn.Sequential(*head(), nn.Sequential(Block(8), Block(8)), *tail()), 1 << 30),
+        "pad, in-place activation, convolution": (nn.Sequential(
+            nn.ReflectionPad2d(1), nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8),
+            nn.ReLU(), *tail()), 1 << 30),
+        "convolution output kept for a skip": (nn.Sequential(*head(), ConvSkip(8), nn.InstanceNorm2d(8), nn.ReLU(),
+                                                             *tail()), 1 << 30),
+        "one pad three times": (nn.Sequential(pad, nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8), nn.ReLU(), pad,
+                                              nn.Conv2d(8, 8, 3), nn.InstanceNorm2d(8), nn.ReLU(), pad,
+                                              nn.Conv2d(8, 3, 3), nn.Tanh()), None),
+    }
+    x = padded(photo(96, 120))
+    for name, (net, budget) in nets.items():
+        torch.manual_seed(0)
+        net.eval().requires_grad_(False)
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        plan = make_plan(net)
+        if budget is None:  # statistics from a downscaled copy, all in one pass: close, not equal
+            budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] / 0.75) // 2
+        given = x.clone()
+        with torch.inference_mode():
+            tiled, whole = tiled_forward(net, given, plan, 32, budget), net(x.clone())
+        assert torch.equal(given, x), name
+        assert psnr(whole, tiled) >= (20 if budget < 1 << 30 else 100), name
+        assert not [m for m in net.modules() if "forward" in m.__dict__], name
