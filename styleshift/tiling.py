@@ -333,7 +333,7 @@ class NormStats:
     use them: norms before `measuring` normalise with their statistics; norm `measuring` adds up its input
     over the tile's core and stops the pass (see the module docstring)."""
 
-    def __init__(self, norms: tuple[nn.Module, ...]) -> None:
+    def __init__(self, norms: tuple[nn.Module, ...], after_conv: dict[int, nn.Module] | None = None) -> None:
         self.norms = norms
         self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(norms)
         self.measuring: int | None = None
@@ -341,7 +341,7 @@ class NormStats:
         self.sums: list = [0.0, 0.0, 0]
         self.keep, self.kept = False, None  # whether to keep the measured norm's input (core of the tile)
         self.scratch = torch.empty(0)  # _add_up's fp32 chunks, reused from tile to tile
-        self.after_conv: dict[int, nn.Module] = {}  # norm -> the convolution right before it in a chain
+        self.after_conv = after_conv or {}  # norm -> the convolution right before it in a chain (_after_conv)
         self.fresh: dict[int, torch.Tensor] = {}  # norm -> that convolution's last output, until the norm runs
         self.hooks: list = []
 
@@ -377,11 +377,14 @@ class NormStats:
             # full-resolution tiles (ResNet-9 at 1536 x 2048 in bf16: 12 MiB each) then take two blocks, not
             # three; its peaks were 830-844 MiB over 4 processes, against 835-859. The same work: 0.78 ms for
             # such a tile's norm by rows in place, 0.73 into a new block.
-            rows = _rows(x)
-            for r in range(0, x.shape[-2], rows):
-                x[..., r:r + rows, :] = self._apply(m, x[..., r:r + rows, :], *self.stats[i])
+            _in_place(x, lambda part: self._apply(m, part, *self.stats[i]))
             return x
         return self._apply(m, x, *self.stats[i])
+
+    @property
+    def measured(self) -> nn.Module | None:
+        """The norm module being measured, if any."""
+        return None if self.measuring is None else self.norms[self.measuring]
 
     def measure(self, i: int, keep: bool = False) -> None:
         self.measuring, self.sums, self.keep = i, [0.0, 0.0, 0], keep
@@ -498,8 +501,7 @@ class Tiler:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan
-        self.norms = norms = NormStats(plan.norms)
-        norms.after_conv = _after_conv(plan.layers, plan.norms)
+        self.norms = norms = NormStats(plan.norms, _after_conv(plan.layers, plan.norms))
         # Tiles and buffers in the network's layout: its convolutions would reorder every tile otherwise.
         weight = next((p for p in plan.layers.parameters() if p.dim() == 4), None)
         self.layout = torch.channels_last if weight is not None and not weight.is_contiguous() and \
@@ -550,7 +552,7 @@ class Tiler:
                     # apply them to the checkpoint in place, so the block splits as below. Measuring its first
                     # norm while moving the checkpoint would run its first convolution twice (0.25 s of ResNet-9
                     # at 1536 x 2048 in bf16, against 0.03 s for this).
-                    self._in_place(source, plan.layers[first:layer])
+                    _in_place(source, plan.layers[first:layer])
                     first = layer
                 if (0 < first == layer and split and scale == plan.stride):
                     # A residual block x + tail(y): keep its first norm's input y while measuring that norm,
@@ -591,13 +593,6 @@ class Tiler:
             # checkpoint could sit in the heap below the result, where glibc's trimming of the top cannot reach.
             source = moved = self._spare = None
         return y
-
-    @staticmethod
-    def _in_place(x: torch.Tensor, pointwise: nn.Sequential) -> None:
-        """x = pointwise(x), a few rows at a time: no halo, no second full-size buffer."""
-        rows = _rows(x)
-        for r in range(0, x.shape[-2], rows):
-            x[..., r:r + rows, :] = pointwise(x[..., r:r + rows, :])
 
     @staticmethod
     def _add_normalised(x: torch.Tensor, z: torch.Tensor, norm: nn.Module, stats) -> None:
@@ -675,13 +670,16 @@ class Tiler:
             if tall < 48 * scale:
                 rim = 2 * halo * scale
                 wide = max(tile, int((tile + rim) ** 2 / (tall + rim) - rim) // plan.stride * plan.stride)
-        rows, columns = spans(h, max(tall // scale, align), align), spans(w, max(wide // scale, align), align)
+        def cut(tall: int, wide: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+            return spans(h, max(tall // scale, align), align), spans(w, max(wide // scale, align), align)
+
+        rows, columns = cut(tall, wide)
         order = None  # with `over`: "down" or "up", the order of strips that lets results go over the source
         if over:
             shape = (1, plan.channels(capture), round(h / out_scale), round(w / out_scale))
             order = _overlay(source, shape, rows, halo)
             if order is None:  # no strip waits to go over the source after all: whole tiles, as without `over`
-                rows, columns = spans(h, max(tile // scale, align), align), spans(w, max(tile // scale, align), align)
+                rows, columns = cut(tile, tile)
         grid = (source.shape, rows, columns)
         if grid != self._grid:  # see __call__: the last pass's tiles had other shapes
             self._spare = None  # and a spare map, if any, is for passes over blocks alike: handed back with them
@@ -704,8 +702,7 @@ class Tiler:
                 below = torch.empty_like(source[..., y1 - min(keep, y1 - y0):y1, :], memory_format=self.layout)
             for (x0, x1), (b0, b1) in zip(columns, column_windows):
                 fh, fw = a1 - a0, b1 - b0
-                self._core = ((y0 - a0) / fh, (y1 - a0) / fh, (x0 - b0) / fw, (x1 - b0) / fw)
-                # for `pads`: the core in window pixels, the window's size, and which sides lie on the border
+                # the core in window pixels, the window's size, and which sides lie on the picture's border
                 self._window = (y0 - a0, y1 - a0, fh, x0 - b0, x1 - b0, fw, (a0 == 0, a1 == h, b0 == 0, b1 == w))
                 if not in_place:
                     window = source[..., a0:a1, b0:b1]
@@ -780,7 +777,7 @@ class Tiler:
     def _pointwise_prefix(self, modules: nn.Sequential, capture: int | None) -> int:
         """How many of the first `modules` compute each pixel from itself alone (see _elementwise), before
         `capture` and short of the norm being measured: a tile of the tiler's own may go through them in place."""
-        measured = None if self.norms.measuring is None else self.norms.norms[self.norms.measuring]
+        measured = self.norms.measured
         n = 0
         while (n < len(modules) and n != capture and _elementwise(modules[n:n + 1], self.norms.norms)
                and not any(m is measured for m in modules[n].modules())):
@@ -803,7 +800,7 @@ class Tiler:
         checked on the probe (Plan.tails; its head is a plain chain), in a pass that stops at the tail's first
         norm, so that only the head runs (`first`: the index of `modules[0]` in the plan, None for a tail).
         [] for any other pass."""
-        measured = None if self.norms.measuring is None else self.norms.norms[self.norms.measuring]
+        measured = self.norms.measured
         tails = self.plan.tails if first is not None and self.plan.tails else ()
         pads, pad = [], None
         for j, layer in enumerate(modules):
@@ -834,15 +831,13 @@ class Tiler:
     def _pad(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`module`'s padding of a tile, on the sides where its window meets the picture's border only; the
         core's place in the smaller result is updated for the norm being measured and for the capture."""
-        y0, y1, fh, x0, x1, fw, border = self._window
+        border = self._window[-1]
         widths = module.padding  # left, right, top, bottom
         sides = (2, 3, 0, 1)  # which entry of `border` each width is for
         kept = tuple(p if border[side] else 0 for p, side in zip(widths, sides))
         for p, k, side in zip(widths, kept, sides):
             self._skipped[side] += p - k
-        top, bottom, left, right = self._skipped
-        fh, fw = fh - top - bottom, fw - left - right
-        self.norms.core = ((y0 - top) / fh, (y1 - top) / fh, (x0 - left) / fw, (x1 - left) / fw)
+        self._place_core()
         if not any(kept):
             return x
         if isinstance(module, nn.ReflectionPad2d):
@@ -850,6 +845,14 @@ class Tiler:
         if isinstance(module, nn.ReplicationPad2d):
             return F.pad(x, kept, mode="replicate")
         return F.pad(x, kept, value=module.value)  # zero or constant
+
+    def _place_core(self) -> None:
+        """The tile's core as fractions of the maps its layers make now (NormStats.core), from its window
+        (see _pass) less the rows and columns the pads left out so far (see _pad)."""
+        y0, y1, fh, x0, x1, fw, _ = self._window
+        top, bottom, left, right = self._skipped
+        fh, fw = fh - top - bottom, fw - left - right
+        self.norms.core = ((y0 - top) / fh, (y1 - top) / fh, (x0 - left) / fw, (x1 - left) / fw)
 
     def _run(self, tile: list[torch.Tensor], modules: nn.Sequential, capture: int | None,
              at_norm: bool = False, pointwise: int = 0, pads: list[nn.Module] = ()) -> torch.Tensor | None:
@@ -864,12 +867,12 @@ class Tiler:
         convolution's output."""
         t = tile.pop()
         kept = None
-        self.norms.core = self._core  # the pads left out (see _inner_pads) move it as they run
-        self._skipped = [0, 0, 0, 0]  # rows and columns they left out: top, bottom, left, right
+        self._skipped = [0, 0, 0, 0]  # rows and columns the pads left out (see _inner_pads): top, bottom, left, right
+        self._place_core()  # and again as they run
         if not isinstance(_first_leaf(modules), PADS_AND_CONVS):
             t = t.contiguous(memory_format=self.layout)  # a padding or convolution copies its input anyway
         if pointwise:
-            self._in_place(t, modules[:pointwise])
+            _in_place(t, modules[:pointwise])
         for pad in pads:
             pad.forward = (lambda pad: lambda x: self._pad(pad, x))(pad)  # shadows the class's forward
         try:
@@ -972,6 +975,13 @@ def _elementwise_leaf(m: nn.Module, norms: tuple[nn.Module, ...]) -> bool:
     """Whether a module without children computes each pixel from itself alone (see _elementwise)."""
     return isinstance(m, ELEMENTWISE) or (isinstance(m, nn.Dropout) and not m.training) or \
         any(m is n for n in norms)
+
+
+def _in_place(x: torch.Tensor, pointwise: Pixelwise) -> None:
+    """x = pointwise(x), a few rows at a time (see _rows): no halo, no second full-size buffer."""
+    rows = _rows(x)
+    for r in range(0, x.shape[-2], rows):
+        x[..., r:r + rows, :] = pointwise(x[..., r:r + rows, :])
 
 
 def _rows(x: torch.Tensor, chunk: int = 2 << 20) -> int:
