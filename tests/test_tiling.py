@@ -28,7 +28,12 @@ def perturbed(cfg: GeneratorConfig, seed: int = 0) -> torch.nn.Module:
     """A random generator whose biases are not zero and whose weights are not tiny, so that each layer's
     statistics differ clearly from tile to tile."""
     torch.manual_seed(seed)
-    net = build_generator(cfg).eval().requires_grad_(False)
+    return perturb(build_generator(cfg))
+
+
+def perturb(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` in eval mode, without gradients, each parameter moved by noise of 0.1 (from torch's global seed)."""
+    net.eval().requires_grad_(False)
     for p in net.parameters():
         p.add_(torch.randn_like(p) * 0.1)
     return net
@@ -756,10 +761,7 @@ def test_odd_layouts_stay_exact_with_pads_left_out_and_norms_in_place():
     x = padded(photo(96, 120))
     for name, (net, budget) in nets.items():
         torch.manual_seed(0)
-        net.eval().requires_grad_(False)
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        plan = make_plan(net)
+        plan = make_plan(perturb(net))
         if budget is None:  # statistics from a downscaled copy, all in one pass: close, not equal
             budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] / 0.75) // 2
         given = x.clone()
