@@ -140,9 +140,9 @@ class Stylizer:
             # Nothing needs the photo in floats afterwards: pixels go to the network's dtype and back a tile (or
             # a strip) at a time, so no fp32 copy of the picture is made (a 4096 x 4096 one: 200 MB), and a tiled
             # picture holds none in the network's dtype either (1536 x 2048 in bf16: 36 MiB of its peak).
-            dtype, layout = self.precision.dtype if self.cast else torch.float32, self._layout
+            dtype, layout, bits = self.precision.dtype if self.cast else torch.float32, self._layout, src.dtype
             y = self._forward(src, prepare=lambda t: _from_pixels(t, top).to(dtype, memory_format=layout),
-                              finish=lambda t: _to_pixels(t.float(), top).to(src.dtype))
+                              finish=lambda t: _to_pixels(t.float(), top).to(bits))
             return np.ascontiguousarray(y[0].permute(1, 2, 0).cpu().numpy())  # no copy where it is one already
         x = _from_pixels(src, top)
         del src

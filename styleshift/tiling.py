@@ -680,6 +680,8 @@ class Tiler:
             order = _overlay(source, shape, rows, halo)
             if order is None:  # no strip waits to go over the source after all: whole tiles, as without `over`
                 rows, columns = cut(tile, tile)
+        if self.norms.measuring is None:  # nothing to add up (the last pass): _add_up's scratch goes before the trim
+            self.norms.scratch = torch.empty(0)
         grid = (source.shape, rows, columns)
         if grid != self._grid:  # see __call__: the last pass's tiles had other shapes
             self._spare = None  # and a spare map, if any, is for passes over blocks alike: handed back with them
@@ -719,6 +721,7 @@ class Tiler:
                     if left is not None and x0 > b0:
                         window[..., top:top + y1 - y0, :x0 - b0] = left[..., b0 - x0:]
                 window = [window]  # _run empties it: a window made of copies is freed once its layers are done with it
+                core = None  # the last tile's result, copied where it belongs: not held while this tile runs
                 core = self._run(window, modules, captured, at_norm, pointwise, pads)
                 if capture is None:
                     continue
@@ -870,7 +873,13 @@ class Tiler:
         self._skipped = [0, 0, 0, 0]  # rows and columns the pads left out (see _inner_pads): top, bottom, left, right
         self._place_core()  # and again as they run
         if not isinstance(_first_leaf(modules), PADS_AND_CONVS):
-            t = t.contiguous(memory_format=self.layout)  # a padding or convolution copies its input anyway
+            view, t = t, t.contiguous(memory_format=self.layout)  # a padding or convolution copies its input anyway
+            if t is not view and not pointwise:
+                # The copy is the tile's own: its leading pointwise layers may run on it in place too. The
+                # encoder's last downsampling pass (norm, ReLU and a strided convolution on windows of a kept
+                # map) then holds a window and the convolution's smaller output, not two window-sized blocks.
+                pointwise = self._pointwise_prefix(modules, capture)
+            del view
         if pointwise:
             _in_place(t, modules[:pointwise])
         for pad in pads:

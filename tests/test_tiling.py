@@ -770,3 +770,48 @@ def test_odd_layouts_stay_exact_with_pads_left_out_and_norms_in_place():
         assert torch.equal(given, x), name
         assert psnr(whole, tiled) >= (20 if budget < 1 << 30 else 100), name
         assert not [m for m in net.modules() if "forward" in m.__dict__], name
+
+
+def test_a_tile_holds_no_earlier_tile_and_runs_pointwise_layers_in_place_on_its_own_copy():
+    """While a tile runs, the tile before it is let go (its result is copied where it belongs already); a tile
+    whose window had to be copied runs its leading pointwise layers (norm, ReLU) in place on that copy, so the
+    convolution after them reads the copy itself, not a second tile-sized block. The result stays exact."""
+    import weakref
+
+    from torch import nn
+
+    from styleshift.tiling import Tiler
+
+    net = perturbed(GeneratorConfig(ngf=8, arch="resnet_6blocks", n_blocks=2))
+    plan = make_plan(net)
+    x = padded(photo(200, 160))
+    tiler = Tiler(plan, 32, 1 << 30)  # memory enough to keep each norm's input: the encoder runs once
+    run, last, held = tiler._run, [], []
+
+    def watched_run(*args, **kwargs):
+        held.append(bool(last) and last[-1]() is not None)  # the previous tile's result, still alive?
+        core = run(*args, **kwargs)
+        if core is not None:
+            last.append(weakref.ref(core))
+        return core
+
+    tiler._run = watched_run
+    # The encoder's last downsampling pass starts on a window of the kept map: norm, ReLU, strided convolution.
+    layers = list(net.model)
+    norm = next(m for m in layers[4:] if isinstance(m, nn.InstanceNorm2d))
+    conv = layers[layers.index(norm) + 2]
+    assert isinstance(conv, nn.Conv2d) and conv.stride == (2, 2)
+    storage, same = {}, []
+    hooks = [norm.register_forward_pre_hook(lambda m, a: storage.update(norm=a[0].untyped_storage().data_ptr())),
+             conv.register_forward_pre_hook(lambda m, a: same.append(
+                 storage.pop("norm", None) == a[0].untyped_storage().data_ptr()))]
+    try:
+        with torch.inference_mode():
+            tiled = tiler(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.inference_mode():
+        assert psnr(net(x), tiled) >= 100
+    assert len(held) > 10 and not any(held)
+    assert same and all(same)
