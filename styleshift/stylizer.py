@@ -44,13 +44,12 @@ class Stylizer:
         strength (0..1) and preserve_color: see styleshift.colour.
         tile_size: see below.
         style: as `--style` (see styleshift.styles); None is the default style shipped with styleshift."""
-        source = None  # the style file as this Stylizer read it, when it did: see `style`
-        if not isinstance(style, Style):
+        from_file = not isinstance(style, Style)  # then its weights may be read again from it: see `style`
+        if from_file:
             from .styles import find_style
 
-            # an absolute path, to read it again from any working directory; what was read is kept (below)
-            # where the file was replaced while it was read
-            style, source = _read(Path(os.path.abspath(find_style(style))), direction)
+            # an absolute path, to read it again from any working directory; only this direction's weights
+            style = load_style(Path(os.path.abspath(find_style(style))), directions=(direction,))
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
         if not 0.0 <= strength <= 1.0:
@@ -72,7 +71,7 @@ class Stylizer:
         # them, they may be read again from the style's file instead: below.)
         weights = self.net.state_dict() if self.device.type == "cpu" else style.weights[direction]
         self._style = replace(style, weights={direction: weights})
-        self._source: tuple[int, int, int] | None = None
+        self._reread = False  # whether `style` reads the weights from the file again
         # On a CPU, bf16 runs as an all-bf16 network in channels-last layout rather than under autocast:
         # autocast keeps fp32 weights and activations and casts before every convolution, and those casts,
         # fp32 norms and NCHW reorders took half the time of a ResNet-9 forward (1024 px, AVX512-BF16:
@@ -82,12 +81,12 @@ class Stylizer:
         if self.cast:
             self.net.to(dtype=self.precision.dtype, memory_format=torch.channels_last)
             fold_narrow(self.net)  # the last 7x7 convolution (64 -> 3): see styleshift.kernels
-        if source is not None and engine != "onnx" and (self.cast or self.device.type != "cpu"):
+        if from_file and engine != "onnx" and (self.cast or self.device.type != "cpu"):
             # The network no longer shares those fp32 tensors: rather than hold them for an export that may
             # never come, read them again from the style's file then (see `style`); not for the onnx engine,
             # which exports on its first picture, maybe after a training run has replaced the file. At
             # 1536 x 2048 in bf16 they were 4% of the peak memory of `apply`.
-            self._source = source
+            self._reread = True
             self._style = replace(self._style, weights={})
         elif self.device.type == "cpu" and self.precision.name == "fp32":
             # Winograd 3x3 convolutions: 0.8x the time of a ResNet-9 forward at 512 px, within 1e-4.
@@ -109,19 +108,29 @@ class Stylizer:
     def style(self) -> Style:
         """The style this Stylizer runs: its generator config, metadata and this direction's fp32 weights,
         as exporting to ONNX needs them. A bf16 or GPU network loaded from a file keeps no fp32 copy of its
-        weights; they are read from the file again here, which must be the one loaded (ValueError if it has
-        changed since: its weights might no longer be the network's)."""
-        if self._source is None:
+        weights; they are read from the file again here, which must still hold the network that runs: the same
+        generator, and weights equal to its own in its own type (ValueError if not: the export would be another
+        network). Checked on the weights themselves, not on the file's size and time, which a rewrite within
+        the file system's timestamp granularity keeps."""
+        if not self._reread:
             return self._style
         path = self._style.path
         try:
-            style, identity = _read(path, self.direction)
-        except OSError:  # deleted or moved
-            identity = None
-        if identity != self._source:
+            style = load_style(path, directions=(self.direction,))
+        except (OSError, ValueError):  # deleted, moved, or no longer a style file
+            style = None
+        if style is None or not self._runs(style):
             raise ValueError(f"{path}: the style file was changed, moved or deleted since it was loaded; "
                              "load the style again")
         return style
+
+    def _runs(self, style: Style) -> bool:
+        """Whether `style` (this direction's weights) is the network that runs, as loaded into it."""
+        if style.generator != self._style.generator:
+            return False
+        mine, theirs = self.net.state_dict(), style.weights[self.direction]
+        return mine.keys() == theirs.keys() and all(
+            torch.equal(mine[k], v.to(mine[k].device, mine[k].dtype)) for k, v in theirs.items())
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "Stylizer":
@@ -270,19 +279,6 @@ class Stylizer:
         plan = self._get_plan(x.shape[1])
         return plan is not None and \
             KEPT_PEAK * plan.bytes_per_pixel * x[:, 0].numel() <= free / 4
-
-
-def _read(path: Path, direction: str) -> tuple[Style, tuple[int, int, int] | None]:
-    """The style file with only `direction`'s weights (a Stylizer needs no other), and what tells that file
-    from a replacement (inode, size and modification time), or None if it was replaced while it was read."""
-    identity = _identity(path)
-    style = load_style(path, directions=(direction,))
-    return style, identity if _identity(path) == identity else None
-
-
-def _identity(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _from_pixels(x: torch.Tensor, top: float) -> torch.Tensor:

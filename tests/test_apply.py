@@ -1,6 +1,8 @@
 import hashlib
+import json
 import os
 import shutil
+import struct
 from dataclasses import replace
 
 import numpy as np
@@ -146,8 +148,9 @@ def test_a_stylizer_holds_one_copy_of_one_direction_s_weights(tiny_style):
 
 def test_a_bf16_stylizer_reads_its_fp32_weights_from_its_file_again(tiny_style, tmp_path):
     """A bf16 network loaded from a style file keeps no fp32 copy of its weights: `style` (what ONNX export and
-    its cache key use) reads them from the file again, the same as an fp32 Stylizer holds; a file changed since
-    it was loaded is refused, rather than exporting weights other than those running."""
+    its cache key use) reads them from the file again, the same as an fp32 Stylizer holds; a file whose
+    weights changed since it was loaded is refused, rather than exporting weights other than those running,
+    even when rewritten in place at the same size and time. One only touched still holds them."""
     path = tmp_path / "mine.safetensors"
     shutil.copy(tiny_style, path)
     low = Stylizer(path, direction="inverse", device="cpu", precision="bf16")
@@ -158,7 +161,17 @@ def test_a_bf16_stylizer_reads_its_fp32_weights_from_its_file_again(tiny_style, 
     assert all(torch.equal(again.weights["inverse"][k], v) for k, v in full.weights["inverse"].items())
     assert style_key(again, "inverse", 17) == style_key(full, "inverse", 17)
     st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as if rewritten
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: the same weights
+    assert style_key(low.style, "inverse", 17) == style_key(full, "inverse", 17)
+    st = path.stat()
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])  # safetensors: header length, JSON header, then the data
+    header = json.loads(path.read_bytes()[8:8 + n])
+    start = 8 + n + next(v["data_offsets"][0] for k, v in header.items() if k.startswith("inverse."))
+    with open(path, "r+b") as f:  # one weight rewritten in place: same inode and size, and the same time again
+        f.seek(start)
+        f.write(struct.pack("<f", 1.5))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_ino == st.st_ino
     with pytest.raises(ValueError, match="mine.safetensors.*changed"):
         low.style  # noqa: B018
     path.unlink()
