@@ -144,19 +144,18 @@ class Stylizer:
         top = 65535.0 if pixels.dtype == np.uint16 else 255.0
         # H x W x 3 seen as 1 x 3 x H x W: a channels-last view, no copy
         src = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None]
-        engine = self.engine_for(*src.shape[-2:])
+        engine, free = self._choose_engine(*src.shape[-2:])
         if engine == "torch" and self.strength == 1.0 and not self.preserve_color:
             # Nothing needs the photo in floats afterwards: pixels go to the network's dtype and back a tile (or
             # a strip) at a time, so no fp32 copy of the picture is made (a 4096 x 4096 one: 200 MB), and a tiled
             # picture holds none in the network's dtype either (1536 x 2048 in bf16: 36 MiB of its peak).
             dtype, layout, bits = self.precision.dtype if self.cast else torch.float32, self._layout, src.dtype
             y = self._forward(src, prepare=lambda t: _from_pixels(t, top).to(dtype, memory_format=layout),
-                              finish=lambda t: _to_pixels(t.float(), top).to(bits))
+                              finish=lambda t: _to_pixels(t.float(), top).to(bits), free=free)
             return np.ascontiguousarray(y[0].permute(1, 2, 0).cpu().numpy())  # no copy where it is one already
         x = _from_pixels(src, top)
         del src
-        run = self.stylize_onnx if engine == "onnx" else self.stylize_tensor
-        y = self.finish(run(x), x)
+        y = self.finish(self.stylize_onnx(x) if engine == "onnx" else self._forward(x, free=free).float(), x)
         del x  # with y, and a third copy below, a 4096 x 4096 picture would hold 600 MB of floats
         return _to_pixels(y[0], top).permute(1, 2, 0).cpu().numpy().astype(pixels.dtype)  # in place: y is ours
 
@@ -168,15 +167,21 @@ class Stylizer:
 
     def engine_for(self, height: int, width: int) -> str:
         """The engine that stylizes a height x width picture: "torch" or "onnx"."""
+        return self._choose_engine(height, width)[0]
+
+    def _choose_engine(self, height: int, width: int) -> tuple[str, int | None]:
+        """engine_for, and the free memory it read to choose (None if it read none): the torch engine then
+        tiles the picture by that same reading, so the two choices agree."""
         if self.engine != "auto":
-            return self.engine
+            return self.engine, None
         # Pictures that need tiles run in torch (whole-picture statistics); onnxruntime would run them whole.
         padded = torch.empty(1, 3, height + (-height) % self.multiple, width + (-width) % self.multiple,
                              device="meta")
         if self.device.type != "cpu" or not onnx_available():
-            return "torch"
-        if self._tiling(padded, self._free_memory(padded.shape[1]))[0]:
-            return "torch"
+            return "torch", None
+        free = self._free_memory(padded.shape[1])
+        if self._tiling(padded, free)[0]:
+            return "torch", free
         if self._faster is None:
             try:
                 self._faster = faster_engine(self.stylize_tensor, self.stylize_onnx)
@@ -184,7 +189,7 @@ class Stylizer:
                 # "auto" must never do worse than torch: an export or session that fails (an unwritable
                 # cache, an operator this onnxruntime lacks) leaves the torch engine, which works.
                 self._faster = "torch"
-        return self._faster
+        return self._faster, free
 
     @torch.inference_mode()
     def stylize_onnx(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,17 +209,18 @@ class Stylizer:
         so the output keeps the input's exact size (never squashed)."""
         return self._forward(x).float()
 
-    def _forward(self, x: torch.Tensor, prepare: Pixelwise | None = None, finish: Pixelwise | None = None
-                 ) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, prepare: Pixelwise | None = None, finish: Pixelwise | None = None,
+                 free: int | None = None) -> torch.Tensor:
         """`finish(net(prepare(x)))` for a batch of any size, cropped back to it; by default prepare casts to
         the network's dtype and finish leaves its output so. Both run a tile or a strip at a time (pixelwise):
         no copy of the batch in another type is made for them beyond what the network itself reads (a whole
-        picture's input; a tiled one's downscaled copy, where its statistics are estimated)."""
+        picture's input; a tiled one's downscaled copy, where its statistics are estimated). free: the memory
+        free (_free_memory), where the caller read it already."""
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.multiple, min_side(self.multiple))
         if prepare is None and self.cast:
             prepare = lambda t: t.to(self.precision.dtype, memory_format=self._layout)  # noqa: E731
-        free = self._free_memory(x.shape[1])
+        free = self._free_memory(x.shape[1]) if free is None else free
         tile, budget = self._tiling(x, free)
         heap = contextlib.nullcontext()
         if self.device.type == "cpu":  # see styleshift.heap

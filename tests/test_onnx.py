@@ -122,3 +122,18 @@ def test_auto_keeps_torch_when_the_export_cannot_be_written(tiny_style, tmp_path
     pixels = np.asarray(Image.open(PHOTOS[2]).convert("RGB").resize((40, 32)))
     assert np.array_equal(s.stylize(pixels), Stylizer(tiny_style, device="cpu", precision="fp32").stylize(pixels))
     assert s.engine_for(40, 32) == "torch"
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_auto_reads_the_free_memory_once_per_picture(tiny_style, monkeypatch, strength):
+    """The engine and, where torch runs it, the tiles are chosen from one reading of the free memory: two
+    readings could disagree (the engine chosen for a picture that needs tiles, which then runs whole)."""
+    from styleshift import stylizer
+
+    reads = []
+    monkeypatch.setattr(stylizer, "available_memory", lambda device: reads.append(1) or 1 << 34)
+    s = Stylizer(tiny_style, device="cpu", engine="auto", strength=strength)
+    s._faster = "torch"  # as measured already (the measurement runs both engines once)
+    pixels = np.asarray(Image.open(PHOTOS[1]).convert("RGB").resize((48, 40)))
+    s.stylize(pixels)
+    assert len(reads) == 1
