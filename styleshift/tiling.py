@@ -404,9 +404,9 @@ class NormStats:
                 self._merge(mean.double(), var.double() * n, n)
                 return
             rows = max(1, min(h, (1 << 19) // max(1, w * c)))  # 2 MiB of fp32, or one row
-            if self.scratch.numel() < 2 * rows * w * c:  # kept for the next tiles: no page faults per chunk
-                self.scratch = torch.empty(2 * rows * w * c, dtype=torch.float32)
-            chunk, deviation = self.scratch[:2 * rows * w * c].view(2, rows * w, c)
+            if self.scratch.numel() < rows * w * c:  # kept for the next tiles: no page faults per chunk
+                self.scratch = torch.empty(rows * w * c, dtype=torch.float32)
+            chunk = self.scratch[:rows * w * c].view(rows * w, c)
             means, m2s, counts = [], [], []
             for r in range(0, h, rows):
                 part = v[0, :, r:r + rows, :].permute(1, 2, 0)  # rows x w x C
@@ -415,7 +415,7 @@ class NormStats:
                 x.view(part.shape).copy_(part)
                 mean = x.mean(0)  # then squared deviations from it: no cancellation; 5x var_mean's speed
                 means.append(mean)
-                m2s.append(torch.sub(x, mean, out=deviation[:n]).square_().sum(0))
+                m2s.append(x.sub_(mean).square_().sum(0))  # (in the chunk itself: the copy is ours)
                 counts.append(n)
         if not counts:  # an empty core
             return
