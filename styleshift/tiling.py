@@ -695,7 +695,7 @@ class Tiler:
         # Windows of one size where tiles are read in any order (not in place, not over the source): see _windows.
         even = not in_place and order is None
         row_windows, column_windows = _windows(rows, halo, h, even), _windows(columns, halo, w, even)
-        pointwise = self._pointwise_prefix(modules, captured) if in_place else 0  # in place on its own windows
+        pointwise = self._pointwise_prefix(modules, captured)  # in place on windows of the tiler's own (_run)
         pads = self._inner_pads(modules, None if tail is not None else first)
         for (y0, y1), (a0, a1) in zip(*(reversed(v) if order == "up" else v for v in (rows, row_windows))):
             strip = left = None
@@ -722,7 +722,7 @@ class Tiler:
                         window[..., top:top + y1 - y0, :x0 - b0] = left[..., b0 - x0:]
                 window = [window]  # _run empties it: a window made of copies is freed once its layers are done with it
                 core = None  # the last tile's result, copied where it belongs: not held while this tile runs
-                core = self._run(window, modules, captured, at_norm, pointwise, pads)
+                core = self._run(window, modules, captured, at_norm, pointwise, pads, own=in_place)
                 if capture is None:
                     continue
                 if in_place:
@@ -805,7 +805,7 @@ class Tiler:
         [] for any other pass."""
         measured = self.norms.measured
         tails = self.plan.tails if first is not None and self.plan.tails else ()
-        pads, pad = [], None
+        pads, pad = {}, None  # (a dict: a pad used twice is patched once, each call updating the geometry)
         for j, layer in enumerate(modules):
             split = bool(tails) and tails[first + j] is not None and tails[first + j][0][0] is measured
             for m in layer.modules():
@@ -814,7 +814,7 @@ class Tiler:
                         continue
                     return []
                 if m is measured:  # the pass stops here
-                    return list(dict.fromkeys(pads)) if pad is None else []
+                    return list(pads) if pad is None else []
                 if isinstance(m, PADS):
                     if pad is not None:
                         return []
@@ -824,12 +824,11 @@ class Tiler:
                     if (pad is None or m.stride != (1, 1) or m.dilation != (1, 1) or m.padding != (0, 0) or kh % 2 == 0
                             or kw % 2 == 0 or tuple(pad.padding) != (kw // 2, kw // 2, kh // 2, kh // 2)):
                         return []
-                    pads.append(pad)
+                    pads[pad] = None
                     pad = None
                 elif pad is not None or not _elementwise_leaf(m, self.norms.norms):
                     return []
-        # (a pad used twice is patched once: each of its calls updates the geometry)
-        return list(dict.fromkeys(pads)) if pad is None else []
+        return list(pads) if pad is None else []
 
     def _pad(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`module`'s padding of a tile, on the sides where its window meets the picture's border only; the
@@ -858,28 +857,30 @@ class Tiler:
         self.norms.core = ((y0 - top) / fh, (y1 - top) / fh, (x0 - left) / fw, (x1 - left) / fw)
 
     def _run(self, tile: list[torch.Tensor], modules: nn.Sequential, capture: int | None,
-             at_norm: bool = False, pointwise: int = 0, pads: list[nn.Module] = ()) -> torch.Tensor | None:
+             at_norm: bool = False, pointwise: int = 0, pads: list[nn.Module] = (), own: bool = False
+             ) -> torch.Tensor | None:
         """One tile (the one item of `tile`, taken out of it so that nothing else holds it while the layers
         run) through `modules`: the core of module `capture`'s output (if any), or with `at_norm` of the
         measured norm's input; a view, for the caller to copy where it belongs. The first `pointwise` modules
-        (see _pointwise_prefix; the tile must be a copy of the tiler's own) run on it in place, a few rows at a
-        time: a residual block's tail then starts (norm, ReLU) with no second tile-sized block, and each of its
-        tiles took three blocks of the heap, not four (ResNet-9 at 1536 x 2048 in bf16: the residual blocks
-        held 822-860 MiB, median 826, against 833-896, median 851, over 5 processes each; the same time). With
-        the pads inside the picture left out too (`pads`, see _inner_pads) it takes two: its window and the
-        convolution's output."""
+        (see _pointwise_prefix) run on it in place, a few rows at a time, where the tile is a copy of the
+        tiler's own (`own`, or copied here): a residual block's tail then starts (norm, ReLU) with no second
+        tile-sized block, and each of its tiles took three blocks of the heap, not four (ResNet-9 at 1536 x 2048
+        in bf16: the residual blocks held 822-860 MiB, median 826, against 833-896, median 851, over 5 processes
+        each; the same time). With the pads inside the picture left out too (`pads`, see _inner_pads) it takes
+        two: its window and the convolution's output."""
         t = tile.pop()
         kept = None
         self._skipped = [0, 0, 0, 0]  # rows and columns the pads left out (see _inner_pads): top, bottom, left, right
         self._place_core()  # and again as they run
         if not isinstance(_first_leaf(modules), PADS_AND_CONVS):
             view, t = t, t.contiguous(memory_format=self.layout)  # a padding or convolution copies its input anyway
-            if t is not view and not pointwise:
-                # The copy is the tile's own: its leading pointwise layers may run on it in place too. The
-                # encoder's last downsampling pass (norm, ReLU and a strided convolution on windows of a kept
-                # map) then holds a window and the convolution's smaller output, not two window-sized blocks.
-                pointwise = self._pointwise_prefix(modules, capture)
+            # A copy made here is the tile's own too. The encoder's last downsampling pass (norm, ReLU and a
+            # strided convolution on windows of a kept map) then holds a window and the convolution's smaller
+            # output, not two window-sized blocks.
+            own = own or t is not view
             del view
+        if not own:
+            pointwise = 0
         if pointwise:
             _in_place(t, modules[:pointwise])
         for pad in pads:
