@@ -50,6 +50,11 @@ def psnr(a, b) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-30))
 
 
+def budget_for(plan, x, checkpoints: int) -> int:
+    """The smallest memory budget under which the tiler keeps `checkpoints` checkpoint-sized maps of `x`."""
+    return int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * checkpoints / 0.75) + 1
+
+
 def padded(x, multiple=4):
     h, w = x.shape[-2:]
     return torch.nn.functional.pad(x, (0, (-w) % multiple, 0, (-h) % multiple), mode="reflect")
@@ -126,7 +131,7 @@ def test_tiled_equals_untiled_and_has_no_seams(variant, checkpoints):
     tile = 32
     assert len(spans(x.shape[-1], tile, plan.stride)) >= 3  # tiles with real neighbours on both sides
     # A budget for two checkpoint-sized buffers (residual blocks updated in place), or for only one.
-    budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * checkpoints / 0.75) + 1
+    budget = budget_for(plan, x, checkpoints)
     with torch.inference_mode():
         whole = net(x)
         tiled = tiled_forward(net, x, plan, tile, budget)
@@ -338,7 +343,7 @@ def test_strips_lower_than_the_halo():
     x = padded(photo(96, 120))
     with torch.inference_mode():
         whole = net(x)
-        budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] / 0.75) + 1  # one checkpoint
+        budget = budget_for(plan, x, 1)  # one checkpoint
         tiled = tiled_forward(net, x, plan, plan.stride, budget)
     assert psnr(whole, tiled) >= 40
 
@@ -420,7 +425,7 @@ def test_split_residual_blocks_run_and_wide_strips_stay_exact(layout, monkeypatc
     monkeypatch.setattr(tiling, "fitting_tile", spy_fitting)
     # two checkpoints; in channels-last four, so a half-scale map and the checkpoint fit beside each other
     checkpoints = 2 if layout == torch.contiguous_format else 4
-    budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * checkpoints / 0.75) + 1
+    budget = budget_for(plan, x, checkpoints)
     with torch.inference_mode():
         whole = net(x)
         tiled = tiled_forward(net, x, plan, None, budget)
@@ -490,7 +495,7 @@ def test_residual_blocks_reuse_one_spare_map():
     net = perturbed(GeneratorConfig(ngf=8, arch="resnet_6blocks", n_blocks=4), seed=3)
     plan = make_plan(net)
     x = padded(photo(200, 160))
-    budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * 2 / 0.75) + 1
+    budget = budget_for(plan, x, 2)
     tiler, fresh = Tiler(plan, 32, budget), []
     real_buffer = tiler._buffer
 
@@ -645,7 +650,7 @@ def test_a_block_followed_by_an_in_place_activation_still_splits():
     plan = make_plan(changed)
     assert plan.tails[last] is not None and sum(t is not None for t in plan.tails) == 2
     x = padded(photo(96, 120))
-    budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * 2 / 0.75) + 1
+    budget = budget_for(plan, x, 2)
     with torch.inference_mode():
         assert psnr(changed(x), tiled_forward(changed, x, plan, 32, budget)) >= 100
 
@@ -707,7 +712,7 @@ def test_norms_right_after_a_convolution_normalise_its_output_in_place(monkeypat
 
     monkeypatch.setattr(tiling.NormStats, "_forward", watching)
     x = padded(photo())
-    budget = int(plan.checkpoint_bytes_per_pixel * x.shape[-2] * x.shape[-1] * 2 / 0.75) + 1
+    budget = budget_for(plan, x, 2)
     with torch.inference_mode():
         assert torch.allclose(tiled_forward(net, x, plan, 32, budget), net(x), atol=1e-5)
     assert any(calls) and not all(calls)
