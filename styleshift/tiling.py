@@ -37,7 +37,8 @@ where their larger maps fit. Measured on one CPU thread, fp32, before the split 
 a 1024 x 1024 photo mosaic, 27.6 s tiled vs 15.8 s whole (1.75x), PSNR 129 dB (largest difference 9e-6).
 In bf16 (styleshift.stylizer on CPUs with bf16 units) the buffers take half the bytes; ResNet-9 at
 1536 x 2048 on a 2-core AVX512-BF16 CPU: 1.18x the time of a whole forward (8.1 vs 6.8 s in one run) at
-1.2 instead of 2.2 GiB peak. Memory: the checkpoint(s) plus one tile's forward, whatever the picture's size.
+1.2 instead of 2.2 GiB peak then (0.8 GiB now, see Tiler.__call__). Memory: the checkpoint(s) plus one tile's
+forward, whatever the picture's size.
 In channels-last layout (bf16 on a CPU) the kept maps share one piece of memory: the encoder's last
 downsampling writes its map over the one it reads (top down, strip by strip), the first residual block's
 second buffer is the rest of that memory, and the decoder's first upsampling writes over the trunk and that
@@ -374,7 +375,7 @@ class NormStats:
             # Its input is the output the convolution just before it in a chain gave this tile, which only the
             # chain held (see _after_conv; never a window of a map the tiler keeps): normalised in place, a few
             # rows at a time, so the tile takes no second block of that size. The encoder's and decoder's
-            # full-resolution tiles (ResNet-9 at 1536 x 2048 in bf16: 12 MiB each) then take two blocks, not
+            # full-resolution tiles (ResNet-9 at 1536 x 2048 in bf16: 12 MiB each then) take two blocks, not
             # three; its peaks were 830-844 MiB over 4 processes, against 835-859. The same work: 0.78 ms for
             # such a tile's norm by rows in place, 0.73 into a new block.
             _in_place(x, lambda part: self._apply(m, part, *self.stats[i]))
@@ -396,6 +397,8 @@ class NormStats:
         than one var_mean over the strided core of a channels-last bf16 tile, and no tile-sized fp32 copy is
         made. The chunks' statistics are combined once per tile: per-chunk merging of 512 KiB chunks ran
         13,000 chunks of some twenty tiny operations each for a 1536 x 2048 picture, a second of its 12."""
+        if v.numel() == 0:  # an empty core
+            return
         c, h, w = v.shape[-3:]
         with torch.autocast(v.device.type, enabled=False):
             if v.device.type != "cpu":  # one reduction: chunks would be many tiny kernel launches on a GPU
@@ -413,12 +416,13 @@ class NormStats:
                 n = part.shape[0] * w
                 x = chunk[:n]
                 x.view(part.shape).copy_(part)
-                mean = x.mean(0)  # then squared deviations from it: no cancellation; 5x var_mean's speed
+                # The mean, then squared deviations from it: no cancellation; 5x var_mean's speed. (Batch norm's
+                # statistics kernel on the chunk was 10-20% faster, but it sums in plain fp32: the variance of a
+                # 600 x 203 map came out 1.7e-5 off, against 1e-7 this way.)
+                mean = x.mean(0)
                 means.append(mean)
                 m2s.append(x.sub_(mean).square_().sum(0))  # (in the chunk itself: the copy is ours)
                 counts.append(n)
-        if not counts:  # an empty core
-            return
         # The chunks' statistics combined exactly (the parallel form of the update in _merge), in fp64.
         n = torch.tensor(counts, dtype=torch.float64)[:, None]
         means, total = torch.stack(means).double(), n.sum()
@@ -516,16 +520,16 @@ class Tiler:
             norms.record(plan.layers[:plan.norm_layer[-1] + 1], small)
             del small
         # On a CPU the exact passes' tiles reuse what the tile before them freed (styleshift.heap), and what a
-        # pass freed goes back before the next unless that one cuts the same map into the same tiles: tiles
-        # of other shapes would fit its holes badly. ResNet-9 at 1536 x 2048 in bf16, whose trunk passes all
-        # cut alike: 7.0-8.1 s at a peak RSS of 1.14-1.24 GiB, against 8.2-9.1 s (same peak) handing memory back
-        # before every pass (1.4 million page faults, 0.4 now), 11.4 s returning every feature map at once,
-        # and 7.6 s but up to 1.56 GiB keeping all until the end. In fp32 the trunk's passes alternated
-        # between two tilings (measured with halos of 2 and 4 convolutions, now 2 and 3); keeping across them
-        # cost 0.25 GiB more and no time. (Not for the single pass
-        # of estimated statistics: 4096 x 4096 then peaked at 1.5 GiB.)
+        # pass freed goes back before the next pass (trim): each pass's tiles then settle into memory of their
+        # own sizes, not into holes that earlier passes' tiles of other sizes left. ResNet-9 at 1536 x 2048 in
+        # bf16 peaked at 807-817 MiB (10 processes) with that and the small row chunks of _rows, against
+        # 820-828 handing back only where the tiles changed shape (the trunk's passes then kept each other's
+        # memory); each alone gave 821-825 and 812-822 (3 processes each); the same time (medians of 5,
+        # alternating in one process: 7.77 against 7.96 s). Earlier measures, with larger tiles: 11.4 s
+        # returning every feature map at once instead, and 7.6 s but up to 1.56 GiB keeping all until the end.
+        # (Not for the single pass of estimated statistics: 4096 x 4096 then peaked at 1.5 GiB.)
         keep = keep_freed_memory() if exact and x.device.type == "cpu" else contextlib.nullcontext()
-        self._grid = None  # the last pass's source shape and tile cores: none yet, so the first pass trims
+        self._grid = None  # the last pass's source shape and tile cores
         self._spare = None  # a freed block's buffer, for the next block's (see _pass)
         with norms, keep:
             first, source, scale = 0, x, 1  # the checkpoint: output of layers[:first], at `scale`
@@ -620,8 +624,8 @@ class Tiler:
             i = self.norms.measuring
             if i is not None and plan.norm_reach and plan.norm_layer[i] == end:
                 # The pass stops at norm i: layer `end` reaches only as far as its leaves before that norm. A
-                # residual block's first pass then has the halo of the block's second (1 px for ResNet-9's
-                # trunk, not 2), so both cut tiles of one size and reuse each other's blocks of the heap.
+                # residual block's first pass then has the halo of one convolution (1 px for ResNet-9's trunk),
+                # not of the block's two.
                 reach = sum(plan.reach[first:end]) + plan.norm_reach[i]
         halo = math.ceil(reach / scale / align) * align
         h, w = source.shape[-2:]
@@ -640,9 +644,15 @@ class Tiler:
             # fast again (8.5-9.5 s against 8.7-9.4) at 855-905 MiB against 924-950 for 48 and 960-1006 for 64
             # (3-6 processes each; 949 the largest of a benchmark's 3 later), the decoder's last pass most of
             # that; 24 MiB was slower (9.8-10.6 s). In fp32, 32 MiB tiles took 37-40 s, against 34-36 s in 64,
-            # for no less memory. A split block's two passes both have a one-convolution halo (see norm_reach)
-            # and cut the same tiles, so each reuses the memory the other freed (see __call__).
+            # for no less memory. Passes over a map above the lowest resolution (the picture, the encoder's and
+            # the decoder's half-scale maps) take half as much: their full-resolution tiles set the peak once
+            # the residual blocks' passes settled lower (see __call__), and they are a small part of the time.
+            # ResNet-9 at 1536 x 2048 in bf16: 802-807 MiB against 809-819 (4 processes each), in about the
+            # same time (9.2 against 9.1 s). Halving the decoder's first pass too (from the quarter-scale map
+            # to a half-scale one, written over it) raised its peak to 813-818.
             tile_bytes = CPU_TILE_MEMORY * plan.dtype.itemsize / 4  # per_pixel is in the plan's dtype too
+            if scale < plan.stride:
+                tile_bytes /= 2
             for_tile = min(working, max(tile_bytes, per_pixel * (32 * halo * scale) ** 2))
         tile = self.tile or fitting_tile(plan, per_pixel, halo * scale, for_tile)
         out, out_scale = None, plan.scale[capture] / scale if capture is not None else 1.0
@@ -683,10 +693,10 @@ class Tiler:
         if self.norms.measuring is None:  # nothing to add up (the last pass): _add_up's scratch goes before the trim
             self.norms.scratch = torch.empty(0)
         grid = (source.shape, rows, columns)
-        if grid != self._grid:  # see __call__: the last pass's tiles had other shapes
-            self._spare = None  # and a spare map, if any, is for passes over blocks alike: handed back with them
-            trim()
+        if grid != self._grid:  # a spare map, if any, is for passes over blocks alike: dropped when they end,
+            self._spare = None  # so that the trim hands it back
         self._grid = grid
+        trim()  # what the last pass freed (see __call__)
         # In place, each tile's result goes over the source at once; what later tiles read of the rows and
         # columns it replaces is copied aside first: the rows above the strip (`saved`), its bottom rows for the
         # next strip (`below`) and the columns left of the next tile (`left`). No strip of results is held
@@ -994,12 +1004,13 @@ def _in_place(x: torch.Tensor, pointwise: Pixelwise) -> None:
         x[..., r:r + rows, :] = pointwise(x[..., r:r + rows, :])
 
 
-def _rows(x: torch.Tensor, chunk: int = 2 << 20) -> int:
+def _rows(x: torch.Tensor, chunk: int = 512 << 10) -> int:
     """How many rows of a map hold about `chunk` bytes (at least one), for the passes that update a map a few
     rows at a time. On a CPU small, so their temporaries fit the holes tiles leave in the heap: 64 rows of the
     ResNet-9 trunk at 1536 x 2048 in bf16 were 16 MiB, twice a tile's blocks, and the heap grew by 16-31 MB
-    right after them, between two blocks' passes. On a GPU, whose allocator caches blocks, all rows at once:
-    chunks would be many tiny kernel launches."""
+    right after them, between two blocks' passes. Chunks of 2 MiB still took three places of their own
+    beside a tile's blocks in every residual block's second pass (see Tiler.__call__ for the peaks). On a
+    GPU, whose allocator caches blocks, all rows at once: chunks would be many tiny kernel launches."""
     if x.device.type != "cpu":
         return max(1, x.shape[-2])
     return max(1, chunk // max(1, x.shape[0] * x.shape[1] * x.shape[-1] * x.element_size()))

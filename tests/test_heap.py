@@ -72,8 +72,8 @@ def test_whole_pictures_run_inside_and_give_the_same_pixels(tiny_style, monkeypa
 
 
 def test_exact_tiling_keeps_freed_memory_pass_by_pass(tiny_style, monkeypatch):
-    """The tiler's exact passes keep what their tiles free and hand it back when the next pass runs over
-    maps of another shape; the single pass with estimated statistics (a picture too large for the
+    """The tiler's exact passes keep what their tiles free, for the pass's later tiles, and hand it back
+    before the next pass; the single pass with estimated statistics (a picture too large for the
     checkpoints) keeps nothing."""
     from styleshift import stylizer, tiling
 
@@ -90,10 +90,8 @@ def test_exact_tiling_keeps_freed_memory_pass_by_pass(tiny_style, monkeypatch):
     monkeypatch.setattr(tiling.Tiler, "_pass", spy_pass)
     exact = stylizer.Stylizer(tiny_style, device="cpu", precision="fp32", tile_size=32)
     exact.stylize(photo)
-    assert len(trims) >= 2 and set(trims) == {1} and heap._kept == 0
-    # handed back where the maps change shape (the tiles with them), kept between passes over one shape
-    changes = 1 + sum(a != b for a, b in zip(shapes, shapes[1:]))
-    assert len(trims) == changes < len(shapes)
+    # handed back before every pass, while freed memory is kept (inside it), and no longer kept after
+    assert len(trims) == len(shapes) >= 2 and set(trims) == {1} and heap._kept == 0
 
     trims.clear()
     monkeypatch.setattr(stylizer, "working_memory", lambda device, free=None: 1)  # no room for a checkpoint

@@ -440,26 +440,32 @@ def test_split_residual_blocks_run_and_wide_strips_stay_exact(layout, monkeypatc
 
 def test_cpu_tiles_take_only_the_memory_their_halo_needs(monkeypatch):
     """With memory to spare, a CPU pass's tiles take CPU_TILE_MEMORY in fp32 and half that in bf16, tiles of
-    as many pixels (or what 32 halos a side need, if more), not all the budget allows; the result is as exact,
-    and the two passes of each split residual block still cut its maps into the same tiles (so each reuses
-    the memory the other freed)."""
+    as many pixels (or what 32 halos a side need, if more), not all the budget allows, and half that in
+    passes over maps above the lowest resolution; the result is as exact, and the two passes of each split
+    residual block cut its maps into the same tiles (the first pass's halo is one convolution's)."""
     from styleshift import tiling
 
-    sizes, grids = [], []
-    real_spans, real_pass = tiling.spans, tiling.Tiler._pass
+    sizes, grids, scales, budgets = [], [], [], []
+    real_spans, real_pass, real_fitting = tiling.spans, tiling.Tiler._pass, tiling.fitting_tile
 
     def spy_spans(length, tile, align):
         sizes.append(tile)
         return real_spans(length, tile, align)
 
-    def spy_pass(self, *args, tail=None, **kwargs):
-        out = real_pass(self, *args, tail=tail, **kwargs)
+    def spy_pass(self, source, first, scale, *args, tail=None, **kwargs):
+        scales.append(scale)
+        out = real_pass(self, source, first, scale, *args, tail=tail, **kwargs)
         shape, rows, columns = self._grid
         grids.append((tail is not None, (shape, tuple(rows), tuple(columns))))
         return out
 
+    def spy_fitting(plan, per_pixel, halo, budget):
+        budgets.append(budget)  # the memory the pass's tiles may take
+        return real_fitting(plan, per_pixel, halo, budget)
+
     monkeypatch.setattr(tiling, "spans", spy_spans)
     monkeypatch.setattr(tiling.Tiler, "_pass", spy_pass)
+    monkeypatch.setattr(tiling, "fitting_tile", spy_fitting)
     budget = 1 << 30  # everything fits: only the cap limits the tiles
     tiles = {}
     # ngf 8 and 3 MiB: 370 px tiles in the residual blocks, above 32 of their halos
@@ -470,11 +476,15 @@ def test_cpu_tiles_take_only_the_memory_their_halo_needs(monkeypatch):
         net = net.to(dtype=dtype, memory_format=layout)
         plan = make_plan(net)
         x = padded(photo(512, 640)).to(dtype=dtype, memory_format=layout)
-        sizes.clear(), grids.clear()
+        sizes.clear(), grids.clear(), scales.clear(), budgets.clear()
         with torch.inference_mode():
             whole = net(x).float()
             tiled = tiled_forward(net, x, plan, None, budget).float()
         assert psnr(whole, tiled) >= (100 if dtype == torch.float32 else 38)  # bf16: both rounded, differently
+        if cap == 3 << 20:  # (ngf 8: the cap, not 32 halos, sets every pass's tile memory)
+            each = cap * dtype.itemsize / 4
+            assert set(scales) == {1, 2, plan.stride}
+            assert all(b == (each if s == plan.stride else each / 2) for s, b in zip(scales, budgets, strict=True))
         tiles[dtype, cap] = list(sizes)  # each pass's tile side (in its own pixels)
         tails = [k for k, (tail, _) in enumerate(grids) if tail]
         assert len(tails) == 2
@@ -589,6 +599,32 @@ def test_overlay_order_keeps_every_row_a_later_strip_reads():
     same = (1, 8, 64, 64)  # same size, with a halo: no order works (in-place passes copy rows aside instead)
     assert _overlay(source(8, 64, 64), same, rows, halo=1) is None
     assert _overlay(source(8, 64, 64), same, rows, halo=0) == "down"
+
+
+def test_tile_statistics_add_up_to_the_whole_maps():
+    """A norm's statistics, added up over tile cores a few rows at a time, are the whole map's: a photo's
+    features after a generator's first convolution, in fp32 (NCHW) and bf16 (channels-last), cut into cores
+    read through strided windows, whose heights are no multiple of a chunk's rows, the later ones narrower
+    (they reuse a larger scratch)."""
+    from styleshift.tiling import NormStats
+
+    net = perturbed(GeneratorConfig(ngf=16), seed=2)
+    with torch.inference_mode():
+        features = net.model[:2](photo(600, 203))  # reflection pad, 7 x 7 convolution: 16 channels
+    for dtype, layout in ((torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last)):
+        m = features.to(dtype=dtype, memory_format=layout)
+        window = torch.nn.functional.pad(m, (3, 4, 5, 6))  # cores are views into a larger map, as in tiles
+        h, w = m.shape[-2:]
+        stats = NormStats((torch.nn.InstanceNorm2d(16),))
+        stats.measure(0)
+        for (r0, r1), (c0, c1) in (((0, 350), (0, w)), ((350, h), (0, 100)), ((350, h), (100, w))):
+            stats._add_up(window[..., 5 + r0:5 + r1, 3 + c0:3 + c1])
+        stats._add_up(window[..., 5:5, 3:3 + w])  # an empty core adds nothing
+        stats.finish()
+        var, mean = torch.var_mean(m.double(), dim=(0, 2, 3), correction=0)
+        got_mean, got_var = (t.double() for t in stats.stats[0])
+        assert torch.allclose(got_mean, mean, rtol=2e-6, atol=2e-7)
+        assert torch.allclose(got_var, var, rtol=2e-6, atol=1e-8)
 
 
 def test_only_elementwise_layers_are_applied_rows_at_a_time():
